@@ -1,0 +1,37 @@
+"""`sana-sr COMMAND ...`: one console entry point; each command is a module with `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help). Modules are imported only when their command runs, so `--help` is instant.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("sana_sr.quickstart", "run the main job on the bundled photos with the tiny preset (CPU)"),
+    "upscale": ("sana_sr.upscale", "restore image files and folders"),
+    "pretrain-tiny": ("sana_sr.tiny_base", "train the tiny preset's base weights from the bundled photos"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: sana-sr COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `sana-sr COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"sana-sr: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
