@@ -217,3 +217,38 @@ def test_public_naming_conventions_pair_up(tmp_path):
     with pytest.raises(DatasetError, match="match the same name"):
         _write(tmp_path / "LR" / "Canon_001_x4.png", (16, 16))
         paired_dataset(tmp_path / "HR", tmp_path / "LR", 4)
+
+
+def test_div2k_val_lq_is_generated_once_per_seed_and_cached(tmp_path, monkeypatch):
+    """The caching and seeding around the degradation, with a stand-in for issue 4's RealESRGANDegradation
+    (the real module's own test of this path is the lead's)."""
+    import torch
+
+    from sana_sr.evaluation import div2k
+
+    calls = []
+
+    def degrade(hq, generator):
+        calls.append(1)
+        noise = torch.rand(1, 3, hq.shape[2] // 4, hq.shape[3] // 4, generator=generator) * 0.1
+        return torch.nn.functional.avg_pool2d(hq, 4) * 0.9 + noise
+
+    monkeypatch.setattr(div2k, "_load_degradation", lambda scale: ("stand-in config", degrade))
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for i, photo in enumerate(PHOTOS[:3]):
+        with Image.open(photo) as im:
+            im.convert("RGB").crop((0, 0, 64, 48)).save(gt / f"{i:04d}.png")
+    first = div2k.prepare_lq(gt, tmp_path / "cache", 4, seed=7, progress=False)
+    assert sorted(p.name for p in first.glob("*.png")) == ["0000.png", "0001.png", "0002.png"] and len(calls) == 3
+    with Image.open(first / "0001.png") as im:
+        assert im.size == (16, 12)
+    before = (first / "0001.png").read_bytes()
+    assert div2k.prepare_lq(gt, tmp_path / "cache", 4, seed=7, progress=False) == first and len(calls) == 3  # cached
+    other = div2k.prepare_lq(gt, tmp_path / "cache", 4, seed=8, progress=False)
+    assert other != first and (other / "0001.png").read_bytes() != before
+    dataset = paired_dataset(gt, first, 4)
+    assert [s.name for s in dataset.samples] == ["0000", "0001", "0002"]
+    (gt / "0003.png").write_bytes((gt / "0000.png").read_bytes())  # a new GT file: regenerated, others unchanged
+    again = div2k.prepare_lq(gt, tmp_path / "cache", 4, seed=7, progress=False)
+    assert (again / "0001.png").read_bytes() == before and (again / "0003.png").is_file()

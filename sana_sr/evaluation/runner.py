@@ -184,7 +184,6 @@ def run(config: EvalConfig) -> int:
     from tqdm import tqdm
 
     from ..build import load_pipeline
-    from ..presets import PRESETS
 
     started = time.time()
     # The data are checked before the process group and the (possibly slow) model load whenever the scale is
@@ -240,32 +239,46 @@ def run(config: EvalConfig) -> int:
                         (sr_dir / f"{row['name']}.png").parent.mkdir(parents=True, exist_ok=True)
                         (sr_dir / f"{row['name']}.png").write_bytes(png)
                     if png is not None and grid_dir is not None and row["index"] < config.grids:
-                        _write_grid(grid_dir, samples[row["index"]], png)
+                        try:
+                            _write_grid(grid_dir, samples[row["index"]], png)
+                        except ImageError as e:  # a grid is a picture for people: never worth a failed run
+                            tqdm.write(f"warning: no grid for {row['name']}: {e}", file=sys.stderr)
         progress.close()
 
-    if main:
-        _check_once(rows, samples)
-        set_values = suite.score_sets(out / "sr" if config.save_images else None, dataset.hr_dir)
-        summary = {
-            "model": {"spec": config.model, "preset": config.model if config.model in PRESETS else None,
-                      "lora": _has_lora(pipe), "dit_dtype": config.dtype, "upscale": scale},
-            "dataset": {"name": dataset.name, "kind": dataset.kind, "lr_dir": str(dataset.lr_dir),
-                        "hr_dir": str(dataset.hr_dir) if dataset.hr_dir else None, "scale": scale,
-                        "crop_border": crop_border, "images": len(samples)},
-            "metrics": report.summarize(rows, suite.available, set_values),
-            "unavailable": suite.unavailable,
-            "failed_images": [r["name"] for r in rows if r.get("error")],
-            "run": {"world_size": world, "device": report.device_description(device),
-                    "seconds": round(time.time() - started, 2), "config": _jsonable(asdict(config))},
-            "versions": report.versions(),
-        }
-        report.write_csv(out / "per_image.csv", rows, suite.available)
-        report.write_json(out / "summary.json", summary)
-        report.write_markdown(out / "results.md", summary)
-        print(f"results: {out.resolve()}/results.md", file=sys.stderr)
-    accelerator.wait_for_everyone()
+    try:
+        if main:
+            _check_once(rows, samples)
+            _write_reports(out, config, pipe, dataset, samples, rows, suite, scale, crop_border, world, device, started)
+    finally:
+        # Reached by every process even when the main one fails here, so that none is left waiting.
+        accelerator.wait_for_everyone()
     failed = sum(1 for r in rows if r.get("error")) if main else 0
     return 1 if failed else 0
+
+
+def _write_reports(out: Path, config: EvalConfig, pipe, dataset: Dataset, samples: list, rows: list[dict],
+                   suite: MetricSuite, scale: int, crop_border: int, world: int, device, started: float) -> None:
+    """FID (needs the finished sr/ folder), then per_image.csv, summary.json and results.md. Main process only."""
+    from ..presets import PRESETS
+
+    set_values = suite.score_sets(out / "sr" if config.save_images else None, dataset.hr_dir)
+    summary = {
+        "model": {"spec": config.model, "preset": config.model if config.model in PRESETS else None,
+                  "lora": _has_lora(pipe), "dit_dtype": config.dtype, "upscale": scale},
+        "dataset": {"name": dataset.name, "kind": dataset.kind, "lr_dir": str(dataset.lr_dir),
+                    "hr_dir": str(dataset.hr_dir) if dataset.hr_dir else None, "scale": scale,
+                    "crop_border": crop_border, "images": len(samples)},
+        "metrics": report.summarize(rows, suite.available, set_values),
+        "unavailable": suite.unavailable,
+        "failed_images": [r["name"] for r in rows if r.get("error")],
+        "run": {"world_size": world, "device": report.device_description(device),
+                "seconds": round(time.time() - started, 2), "config": _jsonable(asdict(config))},
+        "versions": report.versions(),
+    }
+    report.write_csv(out / "per_image.csv", rows, suite.available)
+    report.write_json(out / "summary.json", summary)
+    report.write_markdown(out / "results.md", summary)
+    print(f"results: {out.resolve()}/results.md", file=sys.stderr)
 
 
 def _write_grid(grid_dir: Path, sample, png: bytes) -> None:
