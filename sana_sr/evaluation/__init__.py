@@ -1,0 +1,15 @@
+"""Distributed Real-ISR evaluation (`accelerate launch eval/realsr.py`): datasets, the sharded run, reports."""
+
+from .datasets import Dataset, DatasetError, Sample, find_layout, lr_only_dataset, paired_dataset
+from .runner import EvalConfig, run
+
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "EvalConfig",
+    "Sample",
+    "find_layout",
+    "lr_only_dataset",
+    "paired_dataset",
+    "run",
+]
