@@ -26,6 +26,30 @@ from .text import PromptEmbedding, encode_prompts
 from .tiling import TileSettings, tiled_apply
 
 
+def bicubic_upsample(lq: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The LQ image resized to (height, width), bicubic, clamped to [0, 1]: the model's input in training and use."""
+    return F.interpolate(lq, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_mask: torch.Tensor,
+) -> torch.Tensor:
+    """v_theta(z, t, c) in the latents' dtype; `timesteps` is (B,) in scheduler units (sigma x 1000)."""
+    model_dtype = next(transformer.parameters()).dtype
+    velocity = transformer(
+        latents.to(model_dtype),
+        encoder_hidden_states=prompt_embeds.to(model_dtype),
+        encoder_attention_mask=prompt_mask,
+        timestep=timesteps.to(model_dtype),
+        return_dict=False,
+    )[0]
+    return velocity.to(latents.dtype)
+
+
 def one_step_restore(
     transformer: torch.nn.Module,
     latents: torch.Tensor,
@@ -35,16 +59,8 @@ def one_step_restore(
     sigma: float,
 ) -> torch.Tensor:
     """z_H = z_L - sigma * v(z_L, t, c): the one Euler step from sigma to 0. Differentiable (training uses it)."""
-    model_dtype = next(transformer.parameters()).dtype
-    t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=model_dtype)
-    velocity = transformer(
-        latents.to(model_dtype),
-        encoder_hidden_states=prompt_embeds.to(model_dtype),
-        encoder_attention_mask=prompt_mask,
-        timestep=t,
-        return_dict=False,
-    )[0]
-    return latents - sigma * velocity.to(latents.dtype)
+    t = torch.full((latents.shape[0],), timestep, device=latents.device)
+    return latents - sigma * predict_velocity(transformer, latents, t, prompt_embeds, prompt_mask)
 
 
 def _to_batch(image) -> torch.Tensor:
@@ -206,7 +222,7 @@ class SanaSRPipeline(DiffusionPipeline):
         lq = _to_batch(image).to(self.vae.device)
         scale = upscale or self.config.upscale
         height, width = lq.shape[2] * scale, lq.shape[3] * scale
-        upsampled = F.interpolate(lq, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+        upsampled = bicubic_upsample(lq, height, width)
         m = self.size_multiple
         padded = F.pad(upsampled * 2 - 1, (0, -width % m, 0, -height % m), mode="replicate")
 
