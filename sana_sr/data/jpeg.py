@@ -82,7 +82,7 @@ def jpeg_compress(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """
     b, _, h, w = images.shape
     dtype, device = images.dtype, images.device
-    x = torch.round(images.float().clamp(0, 1) * 255.0)
+    x = images.float().clamp(0, 1).mul_(255.0).round_()
     # Pad to whole 16x16 MCUs by edge replication, as libjpeg does.
     pad_h, pad_w = (-h) % 16, (-w) % 16
     if pad_h or pad_w:
