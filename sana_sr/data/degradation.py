@@ -2,7 +2,8 @@
 
 Contract with the loader and the trainer:
 
-- The loader (`sana_sr.data.streaming.make_loader`) yields batches with `"hq"` (B, 3, S, S) float32 in [0, 1] and,
+- The loader (`sana_sr.data.streaming.make_loader`) yields batches with `"hq"` (B, 3, S, S) float32 in [0, 1] (or
+  uint8 0..255 with LoaderConfig.hq_uint8; both are accepted here) and,
   drawn per sample in its workers by `sana_sr.data.kernels.draw_kernels`, `"kernel1"`, `"kernel2"`,
   `"sinc_kernel"` (B, K, K) float32, K = `blur_kernel_size`.
 - `RealESRGANDegradation(config, device)(batch, generator)` returns `(lq, gt)` on `device`: lq (B, 3, S/scale,
@@ -206,7 +207,8 @@ class RealESRGANDegradation:
     @torch.no_grad()
     def __call__(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        hq = batch["hq"].to(self.device, non_blocking=True).float()
+        hq = batch["hq"].to(self.device, non_blocking=True)
+        hq = hq.float().div_(255.0) if hq.dtype == torch.uint8 else hq.float()
         source = self._sharpen(hq) if c.usm else hq
         lq = self.degrade(source, batch["kernel1"], batch["kernel2"], batch["sinc_kernel"], generator)
         rows = {"lq": lq, "hq": hq}

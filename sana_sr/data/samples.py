@@ -209,7 +209,8 @@ def collate(samples: list[dict], skipped: int) -> dict:
     batch: dict = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples]}
     for name in ("hq", "kernel1", "kernel2", "sinc_kernel"):
         if samples and name in samples[0]:
-            batch[name] = torch.stack([s[name] for s in samples])
+            # numpy's stack: torch's uint8 copy is ~100x slower with two threads on a busy machine (measured).
+            batch[name] = torch.from_numpy(np.stack([s[name].numpy() for s in samples]))
     if samples and "prompt_embeds" in samples[0]:
         longest = max(s["prompt_embeds"].shape[0] for s in samples)
         fitted = [_fit_length(s["prompt_embeds"], s["prompt_mask"], longest) for s in samples]
