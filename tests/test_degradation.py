@@ -160,6 +160,27 @@ def test_separable_usm_equals_the_dense_51x51_one_and_sharpens():
     assert torch.allclose(gt, fast, atol=1e-6)
     assert torch.equal(batch["hq"], hq)  # the plain GT stays available to the trainer
     assert high_frequency_energy(lq) > 1.1 * high_frequency_energy(hq)  # the chain started from the sharpened GT
+    # Through the queue, the sharpened GT stays with its row.
+    degrade = RealESRGANDegradation(replace(QUIET, usm=True, queue_size=8))
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        batch = {"hq": hq.roll(step * 7, dims=-1), **kernel_batch(4), "key": [f"{step}-{i}" for i in range(4)]}
+        lq, gt = degrade(batch, gen)
+        assert torch.allclose(gt, usm_sharpen(batch["hq"]), atol=1e-6)
+
+
+def test_paired_random_crop_keeps_lq_and_gt_aligned():
+    hq = photos(256)
+    config = replace(QUIET, scale=4, gt_size=128)
+    batch = {"hq": hq.clone(), **kernel_batch(4)}
+    lq, gt = RealESRGANDegradation(config)(batch, torch.Generator().manual_seed(1))
+    assert lq.shape == (4, 3, 32, 32) and gt.shape == (4, 3, 128, 128) and torch.equal(batch["hq"], gt)
+    full = run_chain(replace(config, gt_size=None), hq, seed=1)
+    # Find the window: the crop of the full LQ that equals lq sits at the same place (x4) as gt in hq.
+    windows = full.unfold(2, 32, 1).unfold(3, 32, 1)  # (4, 3, 33, 33, 32, 32)
+    match = (windows - lq[:, :, None, None]).abs().amax((0, 1, 4, 5)).argmin()
+    top, left = divmod(int(match), windows.shape[3])
+    assert torch.equal(gt, hq[..., top * 4 : top * 4 + 128, left * 4 : left * 4 + 128])
 
 
 def test_queue_mixes_batches_and_keeps_each_row_together():

@@ -211,13 +211,14 @@ class RealESRGANDegradation:
         hq = hq.float().div_(255.0) if hq.dtype == torch.uint8 else hq.float()
         source = self._sharpen(hq) if c.usm else hq
         lq = self.degrade(source, batch["kernel1"], batch["kernel2"], batch["sinc_kernel"], generator)
-        rows = {"lq": lq, "hq": hq}
+        # The sharpened GT goes through the queue with its row: Real-ESRGAN sharpens the dequeued GT a second time
+        # instead, which costs a second USM per batch for the same result.
+        rows = {"lq": lq, "hq": hq, **({"gt": source} if c.usm else {})}
         if c.gt_size is not None and c.gt_size < hq.shape[-1]:
             rows = _paired_random_crop(rows, c.gt_size, c.scale, generator, self.device)
         rows = self.queue.exchange(rows, batch, generator)
-        gt = self._sharpen(rows["hq"]) if c.usm else rows["hq"]
         batch["hq"] = rows["hq"]
-        return rows["lq"].contiguous(), gt
+        return rows["lq"].contiguous(), rows.get("gt", rows["hq"])
 
     def state_dict(self) -> dict:
         """The configuration (the queue's content is transient and not saved)."""
@@ -241,8 +242,9 @@ def _paired_random_crop(rows: dict, gt_size: int, scale: int, gen, device) -> di
     gen_device = gen.device if gen is not None else device
     top = int(torch.randint(0, h - lq_size + 1, (1,), generator=gen, device=gen_device))
     left = int(torch.randint(0, w - lq_size + 1, (1,), generator=gen, device=gen_device))
-    out = dict(rows)
-    out["lq"] = lq[..., top : top + lq_size, left : left + lq_size]
-    out["hq"] = rows["hq"][..., top * scale : (top + lq_size) * scale, left * scale : (left + lq_size) * scale]
+    out = {"lq": lq[..., top : top + lq_size, left : left + lq_size]}
+    for name, value in rows.items():
+        if name != "lq":
+            out[name] = value[..., top * scale : (top + lq_size) * scale, left * scale : (left + lq_size) * scale]
     return out
 

@@ -38,7 +38,7 @@ class TrainingPairQueue:
         self.capacity, self.filled, self.pool = 0, 0, {}
 
     def exchange(self, rows: dict[str, torch.Tensor], batch: dict, generator: torch.Generator | None) -> dict:
-        """Put `rows` (lq, hq: tensors of B rows) and the per-row entries of `batch` in; take B pooled rows out.
+        """Put `rows` (lq, hq[, gt]: tensors of B rows) and the per-row entries of `batch` in; take B rows out.
 
         Returns the new lq/hq; rewrites the per-row entries of `batch` in place to match them."""
         b = rows["lq"].shape[0]
