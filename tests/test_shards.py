@@ -44,6 +44,7 @@ def make_tree(root: Path) -> tuple[set[str], dict[str, str]]:
     (bad / "text.jpg").write_text("not an image")
     Image.new("RGB", (40, 300)).save(bad / "small.png")
     os.symlink(root / "does-not-exist.png", bad / "dangling.png")
+    os.symlink(root, bad / "loop")  # a link cycle: followed once, never looped
     (root / "notes.md").write_text("sidecar-like files are not images and not listed")
     reasons = {
         "truncated.jpg": "truncated or corrupt image",

@@ -76,8 +76,11 @@ def discover(inputs: list[str | os.PathLike]) -> Discovery:
             candidates = [(root.name, root)]
         else:
             candidates = []
+            visited = set()
             for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                dirnames.sort()
+                # Following links is what makes a tree of symlinked datasets work; a link cycle must not loop.
+                visited.add(os.path.realpath(dirpath))
+                dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in visited)
                 for name in filenames:
                     path = Path(dirpath) / name
                     candidates.append((path.relative_to(root).as_posix(), path))
