@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_draw_ms_per_sample": draw_ms,
         "anchor_images_per_s": ANCHOR,
         "results": results,
-        "usm_separable_over_dense": results["USM separable"]["images_per_s"] / results["USM dense 51x51"]["images_per_s"],
+        "usm_separable_over_dense": (
+            results["USM separable"]["images_per_s"] / results["USM dense 51x51"]["images_per_s"]
+        ),
     }
     print(f"degradation, batch {args.batch}, HQ {args.size} -> LQ {args.size // 4}, {args.reps} batches each, "
           f"{args.device}, {torch.get_num_threads()} threads")  # fmt: skip

@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{raw['mean_megapixels']:.2f} MP mean, {raw['cpu_s_per_image'] * 1e3:.1f} CPU ms each)")  # fmt: skip
     for r in loaders:
         steady = f"{r['steady_images_per_s']:.1f}" if r["steady_images_per_s"] else "n/a"
+        ratio = r["images_per_s"] / raw["images_per_s"]
         print(f"loader, {r['workers']} workers: {r['images_per_s']:.1f} images/s overall, {steady} after the first "
-              f"batch ({r['first_batch_s']:.2f} s); {r['images_per_s'] / raw['images_per_s']:.2f}x raw decode")  # fmt: skip
+              f"batch ({r['first_batch_s']:.2f} s); {ratio:.2f}x raw decode")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0

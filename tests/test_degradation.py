@@ -214,7 +214,8 @@ def test_queue_mixes_batches_and_keeps_each_row_together():
 
 def test_bad_inputs_are_clear():
     with pytest.raises(ValueError, match="not a multiple of the scale 4"):
-        RealESRGANDegradation(replace(QUIET, scale=4, queue_size=0))({"hq": torch.rand(1, 3, 30, 30), **kernel_batch(1)})
+        degrade = RealESRGANDegradation(replace(QUIET, scale=4, queue_size=0))
+        degrade({"hq": torch.rand(1, 3, 30, 30), **kernel_batch(1)})
     with pytest.raises(ValueError, match="jpeg_range must lie in"):
         DegradationConfig(jpeg_range=(0, 95))
 

@@ -145,7 +145,7 @@ class DegradationConfig:
                 if len(value) != 2 or value[0] > value[1] or value[0] < 0:
                     raise ValueError(f"DegradationConfig.{f.name} must be (low, high) with 0 <= low <= high, "
                                      f"got {value}")  # fmt: skip
-        if not (self.resize_range[0] <= 1 <= self.resize_range[1] and self.resize_range2[0] <= 1 <= self.resize_range2[1]):
+        if not all(low <= 1 <= high for low, high in (self.resize_range, self.resize_range2)):
             raise ValueError("DegradationConfig.resize_range and resize_range2 must contain 1 (down below, up above)")
         for name in ("jpeg_range", "jpeg_range2"):
             low, high = getattr(self, name)

@@ -66,7 +66,8 @@ def discover(inputs: list[str | os.PathLike]) -> Discovery:
     roots = [Path(p) for p in inputs]
     missing = [str(r) for r in roots if not r.exists() and not r.is_symlink()]
     if missing:
-        raise SourceError(f"input not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SourceError(f"input not found: {missing[0]}{more}")
     names = [r.resolve().name or "root" for r in roots]
     prefixes = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)] if len(roots) > 1 else [""]
     found: list[tuple[str, Path]] = []
@@ -131,8 +132,8 @@ def load_caption_map(path: str | os.PathLike) -> dict[str, str]:
     key_col = next((columns[c] for c in _PATH_COLUMNS if c in columns), None)
     cap_col = next((columns[c] for c in _CAPTION_COLUMNS if c in columns), None)
     if key_col is None or cap_col is None:
-        raise SourceError(f"caption map {path}: columns {list(rows[0])} lack a path column ({', '.join(_PATH_COLUMNS)}) "
-                          f"or a caption column ({', '.join(_CAPTION_COLUMNS)})")  # fmt: skip
+        raise SourceError(f"caption map {path}: columns {list(rows[0])} lack a path column "
+                          f"({', '.join(_PATH_COLUMNS)}) or a caption column ({', '.join(_CAPTION_COLUMNS)})")  # fmt: skip
     return {str(row[key_col]): str(row[cap_col]) for row in rows}
 
 
