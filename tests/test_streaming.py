@@ -75,11 +75,11 @@ def fake_rank(monkeypatch, rank: int, world: int = 2) -> None:
 
 
 def run_ranks(monkeypatch, spec, epochs=(0,), **config) -> dict[int, list[list[dict]]]:
-    """{rank: [batches of each epoch]} for 2 ranks faked through the environment, 2 workers each."""
+    """{rank: [batches of each epoch]} for 2 ranks faked through the environment, 2 workers each (no kernels)."""
     result = {}
     for rank in range(2):
         fake_rank(monkeypatch, rank)
-        loader = make_loader(spec, LoaderConfig(num_workers=2, crop_size=CROP, **config))
+        loader = make_loader(spec, LoaderConfig(num_workers=2, crop_size=CROP, **config), degradation=None)
         result[rank] = []
         for epoch in epochs:
             loader.set_epoch(epoch)
@@ -220,7 +220,7 @@ def test_batches_content_and_seeded_reproducibility(monkeypatch, uneven):
     config = LoaderConfig(num_workers=2, crop_size=CROP, batch_size=4, seed=5, shuffle_buffer=10)
 
     def epoch(e):
-        loader = make_loader(folder, config, degradation=DegradationConfig())
+        loader = make_loader(folder, config)  # kernels drawn with the x4plus values by default
         loader.set_epoch(e)
         return list(loader)
 
@@ -239,6 +239,10 @@ def test_batches_content_and_seeded_reproducibility(monkeypatch, uneven):
     # Each worker draws its own kernels: no two samples of an epoch share a kernel1.
     kernels = torch.cat([x["kernel1"] for x in a]).flatten(1)
     assert len({tuple(k.tolist()) for k in kernels}) == len(kernels)
+    # The draws take their values from the DegradationConfig given; None draws none.
+    small = next(iter(make_loader(folder, config, degradation=DegradationConfig(blur_kernel_size=15))))
+    assert small["kernel1"].shape == (4, 15, 15)
+    assert "kernel1" not in next(iter(make_loader(folder, config, degradation=None)))
 
 
 def test_small_images_are_skipped_and_counted(monkeypatch, uneven):

@@ -1,6 +1,6 @@
 """Streaming loader over webdataset tar shards, for training (resampled) and evaluation (exact).
 
-    loader = make_loader("shards/", LoaderConfig(batch_size=16), degradation=DegradationConfig())
+    loader = make_loader("shards/", LoaderConfig(batch_size=16))   # degradation=DegradationConfig() by default
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for batch in loader:   # len(loader) batches, the same number on every rank
@@ -8,7 +8,7 @@
             skipped += batch["skipped"]
 
 A batch is a dict: "hq" float32 (B, 3, S, S) in [0, 1]; "kernel1", "kernel2", "sinc_kernel" float32 (B, K, K) drawn
-per sample in the workers (absent when no DegradationConfig is given); "caption" list[str] ("" when a sample has
+per sample in the workers (absent with make_loader(..., degradation=None)); "caption" list[str] ("" when a sample has
 none); "key" list[str]; "prompt_embeds" (B, L, D) and "prompt_mask" (B, L) when LoaderConfig.prompt_embeds is on;
 "skipped" int, the bad samples this worker met since its previous batch (sum it; `loader.skipped` is the running
 total on this rank).
@@ -51,6 +51,7 @@ from .degradation_config import DegradationConfig
 from .samples import DecodeSettings, SkipCounter, batches, collate, decode_sample, read_shard
 
 MODES = ("resampled", "exact")
+_DEFAULT: DegradationConfig = DegradationConfig()  # a sentinel: "not given" (None means "no kernels")
 
 
 @dataclass
@@ -303,11 +304,14 @@ class StreamingLoader:
 
 
 def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], config: LoaderConfig | None = None, *,
-                degradation: DegradationConfig | None = None, rank: int | None = None,
+                degradation: DegradationConfig | None = _DEFAULT, rank: int | None = None,
                 world_size: int | None = None, **overrides) -> StreamingLoader:  # fmt: skip
-    """A `StreamingLoader` over `shards` (see the module docstring). `degradation` switches on the per-sample
-    kernel draws with its values; `overrides` replace fields of `config` (make_loader(spec, batch_size=4))."""
+    """A `StreamingLoader` over `shards` (see the module docstring). The per-sample kernels are drawn with the values
+    of `degradation` (x4plus by default; None draws none, e.g. for evaluation); `overrides` replace fields of
+    `config` (make_loader(spec, batch_size=4))."""
     config = replace(config or LoaderConfig(), **overrides)
+    if degradation is _DEFAULT:
+        degradation = DegradationConfig()
     rank, world_size = world_info(rank, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
