@@ -1,0 +1,243 @@
+"""What each loader worker does to the bytes of one shard: read samples, decode, crop, draw kernels, batch.
+
+Bad input never stops a worker. Each bad sample is counted once and logged (the first few, then at most one line
+per interval), and the count since the previous batch rides on the next batch as `"skipped"`:
+- a sample whose image is missing, empty (0 bytes), undecodable, or smaller than the crop;
+- a sample without a prompt embedding when embeddings are asked for;
+- a shard that breaks while being read (truncated or corrupt tar): the sample being read is counted and the rest
+  of that shard is lost (its size is unknown, so it is not counted); a shard that cannot be opened counts nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from webdataset import gopen
+from webdataset.tariterators import base_plus_ext
+
+from .kernels import KernelDrawConfig, draw_kernels
+
+log = logging.getLogger("sana_sr.data")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "ppm")
+_EXIF_ORIENTATION = 0x0112
+
+
+class SkipCounter:
+    """Counts bad samples in one worker and rate-limits the warnings about them."""
+
+    def __init__(self, warn_first: int = 3, warn_interval_s: float = 60.0, where: str = ""):
+        self.warn_first = warn_first
+        self.warn_interval_s = warn_interval_s
+        self.where = where
+        self.pending = 0
+        self.total = 0
+        self._unlogged = 0
+        self._last_log = 0.0
+
+    def bad(self, reason: str, key: str, url: str) -> None:
+        self.pending += 1
+        self.total += 1
+        now = time.monotonic()
+        if self.total <= self.warn_first or now - self._last_log >= self.warn_interval_s:
+            more = f" (+{self._unlogged} more since the last message)" if self._unlogged else ""
+            log.warning("skipped bad sample %s in %s: %s [%d skipped so far%s%s]",
+                        key, url, reason, self.total, self.where, more)  # fmt: skip
+            self._last_log, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
+
+    def take(self) -> int:
+        """Bad samples since the last call."""
+        pending, self.pending = self.pending, 0
+        return pending
+
+
+def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
+    """Samples of one tar shard (local path, or any URL webdataset's gopen opens, `pipe:` included) as dicts
+    {"__key__", "__url__", ext: bytes}. Consecutive members with the same key form a sample (webdataset's rule)."""
+    try:
+        stream = gopen(url, "rb")
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    except Exception as e:  # noqa: BLE001 - any failure to open is reported, the worker goes on
+        log.warning("cannot read shard %s (%s: %s): skipped", url, type(e).__name__, e)
+        return
+    current: dict | None = None  # the sample being assembled
+    reading: str | None = None  # the key of the member being read
+    try:
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, ext = base_plus_ext(member.name)
+            if key is None or key.startswith("__"):
+                continue
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            reading = key
+            data = tar.extractfile(member).read()
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"member {member.name} truncated: {len(data)} of {member.size} bytes")
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext.lower()] = data
+            reading = None
+        if current is not None:
+            yield current
+    except Exception as e:  # noqa: BLE001 - a broken shard must not stop training
+        # The sample being read (or assembled, its last member unknown) is lost: count it. What follows in the
+        # shard is lost too, but how much is unknown.
+        lost = reading if reading is not None else (current["__key__"] if current is not None else None)
+        reason = f"shard breaks here, rest of it lost ({type(e).__name__}: {e})"
+        if lost is not None:
+            counter.bad(reason, lost, url)
+        else:
+            log.warning("shard %s: %s", url, reason)
+    finally:
+        try:
+            tar.close()
+            stream.close()
+        except Exception as e:  # noqa: BLE001 - e.g. a `pipe:` command that exited non-zero
+            log.warning("closing shard %s: %s", url, e)
+
+
+@dataclass
+class DecodeSettings:
+    """What `decode_sample` needs (taken from LoaderConfig)."""
+
+    crop_size: int
+    hflip: bool
+    vflip: bool
+    prompt_embeds: bool
+    prompt_length: int | None
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow's convert("RGB") clips 16-bit grey to 255; scale it instead.
+        grey = (np.asarray(im).astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def decode_sample(sample: dict, settings: DecodeSettings, rng: np.random.Generator, counter: SkipCounter,
+                  kernel_config: KernelDrawConfig | None) -> dict | None:  # fmt: skip
+    """A raw sample -> {"hq": uint8 (3, S, S), "key", "caption", [kernels], [prompt_embeds, prompt_mask]};
+    None (counted) when it is bad."""
+    key, url = sample["__key__"], sample["__url__"]
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        counter.bad(f"no image member (members: {sorted(k for k in sample if not k.startswith('__'))})", key, url)
+        return None
+    data = sample[ext]
+    if len(data) == 0:
+        counter.bad(f"empty image member {key}.{ext} (0 bytes)", key, url)
+        return None
+    size = settings.crop_size
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
+            width, height = im.size
+            if width < size or height < size:
+                counter.bad(f"image {width}x{height} is smaller than the {size}x{size} crop", key, url)
+                return None
+            top = int(rng.integers(0, height - size + 1))
+            left = int(rng.integers(0, width - size + 1))
+            im.load()
+            crop = _to_rgb_array(im.crop((left, top, left + size, top + size)))
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad bytes
+        counter.bad(f"undecodable image ({type(e).__name__}: {e})", key, url)
+        return None
+    if settings.hflip and rng.uniform() < 0.5:
+        crop = crop[:, ::-1]
+    if settings.vflip and rng.uniform() < 0.5:
+        crop = crop[::-1]
+    out = {
+        "hq": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
+        "key": key,
+        "caption": sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else "",
+    }
+    if settings.prompt_embeds:
+        embeds = _prompt_embeds(sample, settings.prompt_length)
+        if isinstance(embeds, str):
+            counter.bad(embeds, key, url)
+            return None
+        out["prompt_embeds"], out["prompt_mask"] = embeds
+    if kernel_config is not None:
+        out.update({name: torch.from_numpy(k) for name, k in draw_kernels(rng, kernel_config).items()})
+    return out
+
+
+def _prompt_embeds(sample: dict, length: int | None) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(embeds (L, D), mask (L,)) from the sample's emb.npy [+ mask.npy], padded/cut to `length`; or the reason."""
+    if "emb.npy" not in sample:
+        return "no prompt embedding (emb.npy member) but LoaderConfig.prompt_embeds is on"
+    try:
+        embeds = torch.from_numpy(np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False))
+        if "mask.npy" in sample:
+            mask = torch.from_numpy(np.load(io.BytesIO(sample["mask.npy"]), allow_pickle=False)).to(torch.int64)
+        else:
+            mask = torch.ones(embeds.shape[0], dtype=torch.int64)
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable prompt embedding ({type(e).__name__}: {e})"
+    if embeds.dim() != 2 or mask.shape != embeds.shape[:1]:
+        return f"prompt embedding of shape {tuple(embeds.shape)} with mask {tuple(mask.shape)}: want (L, D) and (L,)"
+    if length is not None:
+        embeds, mask = _fit_length(embeds, mask, length)
+    return embeds, mask
+
+
+def _fit_length(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if embeds.shape[0] >= length:
+        return embeds[:length], mask[:length]
+    pad = length - embeds.shape[0]
+    return (torch.cat([embeds, embeds.new_zeros(pad, embeds.shape[1])]),
+            torch.cat([mask, mask.new_zeros(pad)]))  # fmt: skip
+
+
+def collate(samples: list[dict], skipped: int) -> dict:
+    """Stack decoded samples into a batch; "skipped" is the number of bad samples met since the previous batch."""
+    batch: dict = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples]}
+    for name in ("hq", "kernel1", "kernel2", "sinc_kernel"):
+        if samples and name in samples[0]:
+            # numpy's stack: torch's uint8 copy is ~100x slower with two threads on a busy machine (measured).
+            batch[name] = torch.from_numpy(np.stack([s[name].numpy() for s in samples]))
+    if samples and "prompt_embeds" in samples[0]:
+        longest = max(s["prompt_embeds"].shape[0] for s in samples)
+        fitted = [_fit_length(s["prompt_embeds"], s["prompt_mask"], longest) for s in samples]
+        batch["prompt_embeds"] = torch.stack([e for e, _ in fitted])
+        batch["prompt_mask"] = torch.stack([m for _, m in fitted])
+    batch["skipped"] = skipped
+    return batch
+
+
+def batches(samples: Iterable[dict], batch_size: int, counter: SkipCounter, partial: bool) -> Iterator[dict]:
+    """Group decoded samples into batches. One batch is held back so that bad samples met after the last full
+    batch still reach the trainer: they ride on the last batch (or on an empty one if no batch came at all)."""
+    held: dict | None = None
+    group: list[dict] = []
+    for sample in samples:
+        group.append(sample)
+        if len(group) == batch_size:
+            if held is not None:
+                yield held
+            held, group = collate(group, counter.take()), []
+    if partial and group:
+        if held is not None:
+            yield held
+        held = collate(group, counter.take())
+    if held is None:
+        if counter.pending:
+            yield collate([], counter.take())
+        return
+    held["skipped"] += counter.take()
+    yield held
