@@ -9,6 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("sana_sr.quickstart", "run the main job on the bundled photos with the tiny preset (CPU)"),
     "upscale": ("sana_sr.upscale", "restore image files and folders"),
+    "train": ("sana_sr.train.__main__", "train the one-step LoRA DiT (python -m sana_sr.train CONFIG ...)"),
     "pretrain-tiny": ("sana_sr.tiny_base", "train the tiny preset's base weights from the bundled photos"),
     "cost": ("sana_sr.cost", "parameters and MACs per component (meta device), latency and peak memory"),
     "shards": ("sana_sr.data.shards", "image folders (LSDIR, FFHQ, any tree) -> webdataset tar shards"),

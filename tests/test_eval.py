@@ -220,20 +220,17 @@ def test_public_naming_conventions_pair_up(tmp_path):
 
 
 def test_div2k_val_lq_is_generated_once_per_seed_and_cached(tmp_path, monkeypatch):
-    """The caching and seeding around the degradation, with a stand-in for issue 4's RealESRGANDegradation
-    (the real module's own test of this path is the lead's)."""
-    import torch
-
+    """The real Real-ESRGAN degradation, seeded per image: generated once, cached, regenerated only when stale."""
     from sana_sr.evaluation import div2k
 
     calls = []
+    real = div2k.degrade_one
 
-    def degrade(hq, generator):
-        calls.append(1)
-        noise = torch.rand(1, 3, hq.shape[2] // 4, hq.shape[3] // 4, generator=generator) * 0.1
-        return torch.nn.functional.avg_pool2d(hq, 4) * 0.9 + noise
+    def counted(config, hq, seed):
+        calls.append(seed)
+        return real(config, hq, seed)
 
-    monkeypatch.setattr(div2k, "_load_degradation", lambda scale: ("stand-in config", degrade))
+    monkeypatch.setattr(div2k, "degrade_one", counted)
     gt = tmp_path / "gt"
     gt.mkdir()
     for i, photo in enumerate(PHOTOS[:3]):

@@ -19,7 +19,7 @@ Contract with the loader and the trainer:
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -221,8 +221,14 @@ class RealESRGANDegradation:
         return rows["lq"].contiguous(), rows.get("gt", rows["hq"])
 
     def state_dict(self) -> dict:
-        """The configuration (the queue's content is transient and not saved)."""
-        return {"config": asdict(self.config)}
+        """The configuration and the pair queue's content (for an exact resume)."""
+        return {"config": asdict(self.config), "queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != asdict(self.config):
+            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.config).get(k))
+            raise ValueError(f"the checkpoint's degradation config differs in {', '.join(changed)}")
+        self.queue.load_state_dict(state["queue"], self.device)
 
 
 def _distinct_levels(img: torch.Tensor) -> torch.Tensor:
@@ -248,3 +254,21 @@ def _paired_random_crop(rows: dict, gt_size: int, scale: int, gen, device) -> di
             out[name] = value[..., top * scale : (top + lq_size) * scale, left * scale : (left + lq_size) * scale]
     return out
 
+
+
+def degrade_images(hq: torch.Tensor, seed: int, config: DegradationConfig | None = None) -> torch.Tensor:
+    """LQ for a fixed evaluation set: every random draw (kernels and on-device ops) comes from `seed`.
+
+    `hq` is (B, 3, H, W) in [0, 1] with H, W multiples of the scale; no pair queue (rows stay with their HQ).
+    """
+    import numpy as np
+
+    from .kernels import draw_kernels
+
+    config = replace(config or DegradationConfig(), queue_size=0, gt_size=None, usm=False)
+    rng = np.random.default_rng(seed)
+    draws = [draw_kernels(rng, config) for _ in range(hq.shape[0])]
+    batch = {"hq": hq, **{k: torch.from_numpy(np.stack([d[k] for d in draws])) for k in draws[0]}}
+    degradation = RealESRGANDegradation(config, hq.device)
+    lq, _ = degradation(batch, torch.Generator(hq.device).manual_seed(seed))
+    return lq

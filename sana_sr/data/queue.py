@@ -37,6 +37,23 @@ class TrainingPairQueue:
     def reset(self) -> None:
         self.capacity, self.filled, self.pool = 0, 0, {}
 
+    def state_dict(self) -> dict:
+        """The pool's content: a resumed run draws from the same rows as an uninterrupted one."""
+        pool = {k: v.cpu() if isinstance(v, torch.Tensor) else list(v) for k, v in self.pool.items()}
+        on_device = [k for k, v in self.pool.items() if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+        return {"size": self.size, "capacity": self.capacity, "filled": self.filled, "pool": pool,
+                "on_device": on_device}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Restore a pool saved by `state_dict`; rows that lived on the accelerator go to `device`."""
+        if state["size"] != self.size:
+            raise ValueError(f"checkpoint queue holds {state['size']} rows, this config {self.size}")
+        self.capacity, self.filled = state["capacity"], state["filled"]
+        self.pool = {
+            k: (v.to(device) if k in state["on_device"] else v) if isinstance(v, torch.Tensor) else list(v)
+            for k, v in state["pool"].items()
+        }
+
     def exchange(self, rows: dict[str, torch.Tensor], batch: dict, generator: torch.Generator | None) -> dict:
         """Put `rows` (lq, hq[, gt]: tensors of B rows) and the per-row entries of `batch` in; take B rows out.
 

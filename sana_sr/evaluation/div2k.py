@@ -4,8 +4,7 @@ Each LQ image is drawn with its own seed, derived from the run's seed and the GT
 not depend on the order or number of files or processes. The cache is one folder per (GT folder, scale, seed)
 with a manifest; it is written atomically by the main process and reused when the manifest matches.
 
-The degradation itself lives in `sana_sr.data.degradation` (issue 4) and is imported only here, lazily:
-`degrade_one` is the single place that knows its interface.
+The degradation is `sana_sr.data.degradation.degrade_images` (Real-ESRGAN x4plus, no pair queue), imported lazily.
 """
 
 from __future__ import annotations
@@ -26,25 +25,17 @@ from .datasets import DatasetError, list_images
 MANIFEST = "manifest.json"
 
 
-def _load_degradation(scale: int):
-    try:
-        from ..data.degradation import DegradationConfig, RealESRGANDegradation
-    except ImportError as e:
-        raise DatasetError(
-            f"DIV2K-Val needs sana_sr.data.degradation (RealESRGANDegradation), which cannot be imported: {e}"
-        ) from None
-    names = {f.name for f in dataclasses.fields(DegradationConfig)}
-    config = DegradationConfig(scale=scale) if "scale" in names else DegradationConfig()
-    return config, RealESRGANDegradation(config)
+def _degradation_config(scale: int):
+    from ..data.degradation_config import DegradationConfig
+
+    return DegradationConfig(scale=scale)
 
 
-def degrade_one(degradation, hq: torch.Tensor, seed: int) -> torch.Tensor:
-    """LQ (1, 3, H/s, W/s) in [0, 1] from HQ (1, 3, H, W) in [0, 1], all random draws from `seed`.
+def degrade_one(config, hq: torch.Tensor, seed: int) -> torch.Tensor:
+    """LQ (1, 3, H/s, W/s) in [0, 1] from HQ (1, 3, H, W) in [0, 1], every random draw from `seed`."""
+    from ..data.degradation import degrade_images
 
-    Assumes `RealESRGANDegradation.__call__(hq, generator=...)`; adapt here if issue 4's interface differs.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    return degradation(hq, generator=generator)
+    return degrade_images(hq, seed, config)
 
 
 def image_seed(seed: int, name: str) -> int:
@@ -70,7 +61,7 @@ def prepare_lq(gt_dir: Path, cache_root: Path, scale: int, seed: int, progress: 
     """The cached LQ folder for `gt_dir`, generating it first if absent or stale. Call on ONE process only."""
     gt_dir = Path(gt_dir)
     gt_files = list_images(gt_dir, "DIV2K-Val GT")
-    config, degradation = _load_degradation(scale)
+    config = _degradation_config(scale)
     manifest = _manifest(gt_files, gt_dir, scale, seed, config)
     target = cache_folder(cache_root, gt_dir, scale, seed)
     if (target / MANIFEST).is_file() and json.loads((target / MANIFEST).read_text()) == manifest:
@@ -92,7 +83,7 @@ def prepare_lq(gt_dir: Path, cache_root: Path, scale: int, seed: int, progress: 
                 )
             hq = torch.from_numpy(rgb).permute(2, 0, 1)[None]
             with torch.no_grad():
-                lq = degrade_one(degradation, hq, image_seed(seed, relative.as_posix()))
+                lq = degrade_one(config, hq, image_seed(seed, relative.as_posix()))
             expected = (height // scale, width // scale)
             if tuple(lq.shape[-2:]) != expected:
                 raise DatasetError(f"the degradation returned {tuple(lq.shape[-2:])} for {path}, expected {expected}")

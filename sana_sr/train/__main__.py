@@ -1,0 +1,40 @@
+"""`python -m sana_sr.train CONFIG [key.sub=value ...]`: the one training entry point.
+
+Runs unchanged under plain python, torchrun, `accelerate launch` and Slurm (slurm/train_sana_sr.sh): the process
+group comes from the launcher's environment, the strategy (DDP or DeepSpeed) from the config.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nOverrides use the config's keys, e.g. optim.lr=1e-4 data.crop=256 "
+              "(see sana_sr/train/config.py for every field and its meaning).")
+        return 0
+    path = args.pop(0) if args and "=" not in args[0] else None
+
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(path, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
+    from .trainer import Trainer
+
+    try:
+        return Trainer(config).train()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
