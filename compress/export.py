@@ -1,15 +1,19 @@
 """Packed export of a quantized model, and the loader that rebuilds it — no pickled modules.
 
 A folder with two files:
-  weights.safetensors — per quantized layer: `<name>.codes` (n-bit codes packed into uint8; with pruning only the
-                        kept ones), `<name>.zero_codes` (n-bit, packed), `<name>.scales` (fp16), `<name>.mask`
-                        (1 bit per weight, packed) when pruned; activation-quantizer parameters in fp32; every other
-                        tensor of the state dict (biases, norms, kept layers) in the float dtype.
-  layout.json         — format version, the float dtype, each quantized layer's shape/bits/rotation/pruning/conv
-                        arguments, each quantized matmul, the packed tensors' bit widths and counts, and caller
-                        metadata. Written last: a folder without it is incomplete.
-`load_quantized(model, folder)` swaps the quantized modules into a full-precision skeleton of the same architecture
-(built from its config, e.g. on any device) and loads the state strictly: every tensor must be accounted for.
+  weights.safetensors — a handful of flat blobs, each the concatenation, in the model's state-dict order, of:
+      "packed"     (uint8)  per quantized layer: its 1-bit pruning mask (if pruned), its n-bit zero codes and its
+                            n-bit weight codes (only the kept ones when pruned), each bit-packed and byte aligned;
+      "scales"     (fp16)   per-output-channel weight scales;
+      "quantizers" (fp32)   activation-quantizer parameters (bounds, corrections, units);
+      "floats"     (fp16 by default) every other float tensor: biases, norms, layers kept in full precision;
+      "raw.<key>"           the rare non-float tensor, as is.
+  layout.json — format/version, float dtype, for each quantized layer [wbits, abits, act granularity, rotate,
+      prune] and for each quantized matmul [abits, act granularity, rotate], blob sizes, a summary, caller metadata.
+      Written last: a folder without it is incomplete.
+Shapes are not stored: the loader takes a full-precision skeleton of the same architecture (built from its config),
+swaps in the quantized modules the layout names, and reads the blobs back in the skeleton's own state-dict order.
+A few large blobs instead of one tensor per weight keep the safetensors header small, which matters for small models.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .layers import QuantMatmul, QuantWeightLayer, quant_modules, replace_module
-from .pack import pack_bits, unpack_bits
+from .layers import LayerSpec, QuantMatmul, QuantWeightLayer, quant_modules, replace_module
+from .pack import pack_bits, packed_nbytes, unpack_bits
 
 FORMAT = "compress-packed"
-VERSION = 1
+VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 LAYOUT_FILE = "layout.json"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_PACKED = ("codes", "zero_codes", "scales", "mask")
+_QUANTIZERS = ("aq", "qa", "qb")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -43,61 +49,85 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _owner(key: str, prefixes: dict[str, nn.Module]):
-    name, _, leaf = key.rpartition(".")
-    while name:
-        if name in prefixes:
-            return name, key[len(name) + 1:]
-        name = name.rpartition(".")[0]
-    return None, key
+def _entries(model: nn.Module):
+    """The canonical walk shared by export and load: ("layer", name, module) once per quantized layer (its
+    packed tensors as a group), ("quantizer" | "float" | "raw", key, tensor) for everything else."""
+    modules = dict(quant_modules(model))
+    seen: set[str] = set()
+    for key, value in model.state_dict().items():
+        owner, leaf = key.rpartition(".")[0], key.rpartition(".")[2]
+        while owner and owner not in modules:
+            owner = owner.rpartition(".")[0]
+        module = modules.get(owner) if owner else None
+        rest = key[len(owner) + 1:] if module is not None else key
+        if isinstance(module, QuantWeightLayer) and rest in _PACKED:
+            if owner not in seen:
+                seen.add(owner)
+                yield "layer", owner, module
+        elif module is not None and rest.split(".")[0] in _QUANTIZERS:
+            yield "quantizer", key, value
+        elif value.is_floating_point():
+            yield "float", key, value
+        else:
+            yield "raw", key, value
 
 
 def export_quantized(model: nn.Module, directory: str | os.PathLike, *, float_dtype: str = "float16",
                      metadata: dict | None = None) -> dict:
-    """Write `model` (finalized quantized layers) to `directory`; returns the layout dict that was written."""
+    """Write `model` (its quantized layers finalized) to `directory`; returns the layout that was written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    storage = _DTYPES[float_dtype]
-    modules = dict(quant_modules(model))
+    storage = DTYPES[float_dtype]
     layers, matmuls = {}, {}
-    for name, module in modules.items():
+    for name, module in quant_modules(model):
         if isinstance(module, QuantWeightLayer):
             if not module.finalized:
                 raise ValueError(f"layer {name!r} is not finalized: call quantize() (or layer.finalize()) first")
             layers[name] = module.layout()
         else:
             matmuls[name] = module.layout()
-    tensors: dict[str, torch.Tensor] = {}
-    packed: dict[str, dict] = {}
-    for key, value in model.state_dict().items():
-        value = value.detach().cpu()
-        owner, leaf = _owner(key, modules)
-        module = modules.get(owner)
-        if isinstance(module, QuantWeightLayer) and leaf in ("codes", "zero_codes", "mask"):
-            bits = 1 if leaf == "mask" else module.spec.wbits
-            data = value[module.mask.flatten(1).cpu()] if leaf == "codes" and module.mask is not None else value
-            tensors[key] = pack_bits(data.to(torch.uint8), bits)
-            packed[key] = dict(bits=bits, count=data.numel(), shape=list(value.shape), kept_only=data is not value)
-        elif isinstance(module, QuantWeightLayer) and leaf == "scales":
-            scales = value.to(storage)
-            if not torch.equal(scales.float(), value):
+    packed, scales, quantizers, floats, raw = [], [], [], [], {}
+    weights = weight_bits = 0.0
+    for kind, key, item in _entries(model):
+        if kind == "layer":
+            layer: QuantWeightLayer = item
+            bits = layer.spec.wbits
+            codes = layer.codes.cpu()
+            if layer.mask is not None:
+                mask = layer.mask.flatten(1).cpu()
+                packed.append(pack_bits(mask, 1))
+                codes = codes[mask]
+            packed += [pack_bits(layer.zero_codes.cpu(), bits), pack_bits(codes, bits)]
+            stored = layer.scales.cpu().to(storage)
+            if not torch.equal(stored.float(), layer.scales.cpu()):
                 raise ValueError(f"{key}: scales are not exact in {float_dtype}; quantize with that float_dtype")
-            tensors[key] = scales.contiguous()
-        elif module is not None and leaf.split(".")[0] in ("aq", "qa", "qb"):
-            tensors[key] = value.float().contiguous()
-        elif value.is_floating_point():
+            scales.append(stored)
+            n = layer.codes.numel()
+            weights += n
+            weight_bits += (bits * codes.numel() / n + 1 if layer.mask is not None else bits) * n
+        elif kind == "quantizer":
+            quantizers.append(item.detach().cpu().float().flatten())
+        elif kind == "float":
+            value = item.detach().cpu()
             stored = value.to(storage)
             if not torch.equal(stored.to(value.dtype), value):
                 raise ValueError(f"{key} is not exact in {float_dtype}: quantize() rounds the float leftovers; "
                                  "was the model changed after quantizing?")
-            tensors[key] = stored.contiguous()
+            floats.append(stored.flatten())
         else:
-            tensors[key] = value.contiguous()
+            raw[f"raw.{key}"] = item.detach().cpu().contiguous()
+    tensors = dict(raw)
+    for blob, parts, dtype in (("packed", packed, torch.uint8), ("scales", scales, storage),
+                               ("quantizers", quantizers, torch.float32), ("floats", floats, storage)):
+        tensors[blob] = torch.cat(parts).contiguous() if parts else torch.zeros(0, dtype=dtype)
     layout = dict(format=FORMAT, version=VERSION, float_dtype=float_dtype, layers=layers, matmuls=matmuls,
-                  packed=packed, metadata=metadata or {})
+                  blobs={k: int(v.numel()) for k, v in tensors.items() if not k.startswith("raw.")},
+                  summary=dict(quantized_weights=int(weights),
+                               bits_per_weight=round(weight_bits / weights, 4) if weights else 0.0),
+                  metadata=metadata or {})
     _atomic_write(directory / WEIGHTS_FILE,
                   lambda p: safetensors.torch.save_file(tensors, str(p), metadata={"format": FORMAT}))
-    _atomic_write(directory / LAYOUT_FILE, lambda p: p.write_text(json.dumps(layout, indent=1)))
+    _atomic_write(directory / LAYOUT_FILE, lambda p: p.write_text(json.dumps(layout, separators=(",", ":"))))
     return layout
 
 
@@ -112,61 +142,74 @@ def read_layout(directory: str | os.PathLike) -> dict:
     return layout
 
 
+class _Reader:
+    """Sequential reads from one flat blob, with a clear error when the skeleton asks for more than is there."""
+
+    def __init__(self, name: str, blob: torch.Tensor):
+        self.name, self.blob, self.pos = name, blob, 0
+
+    def take(self, count: int) -> torch.Tensor:
+        if self.pos + count > self.blob.numel():
+            raise ValueError(f"blob {self.name!r} ends at {self.blob.numel()} but the skeleton needs "
+                             f"{self.pos + count}: the skeleton does not match the exported architecture")
+        out = self.blob[self.pos:self.pos + count]
+        self.pos += count
+        return out
+
+    def done(self) -> None:
+        if self.pos != self.blob.numel():
+            raise ValueError(f"blob {self.name!r} has {self.blob.numel() - self.pos} unread values: the skeleton "
+                             "does not match the exported architecture")
+
+
 def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Rebuild the exported quantized model inside `model`, a full-precision skeleton of the same architecture."""
     layout = read_layout(directory)
-    storage = _DTYPES[layout["float_dtype"]]
+    storage = DTYPES[layout["float_dtype"]]
     tensors = safetensors.torch.load_file(str(Path(directory) / WEIGHTS_FILE))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     skeleton = dict(model.named_modules())
     for name, spec in layout["layers"].items():
-        _check_skeleton(skeleton.get(name), name, spec)
-        layer = QuantWeightLayer.from_layout(spec, scale_dtype=storage)
-        rows = spec["weight_shape"][0]
-        cols = int(torch.Size(spec["weight_shape"][1:]).numel())
-        layer.set_codes(torch.zeros(rows, cols, dtype=torch.uint8), torch.zeros(rows, dtype=torch.uint8),
-                        torch.ones(rows))
-        replace_module(model, name, layer)
+        if not isinstance(skeleton.get(name), (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"the skeleton has no Linear/Conv2d {name!r}: the skeleton does not match the "
+                             "exported architecture")
+        replace_module(model, name, QuantWeightLayer.empty_like(skeleton[name], LayerSpec(*spec), storage))
     for name, spec in layout["matmuls"].items():
         replace_module(model, name, QuantMatmul.from_layout(spec))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    extra = [k for k in tensors if k not in expected]
-    if missing or extra:
-        raise KeyError(f"skeleton and {Path(directory) / WEIGHTS_FILE} disagree: {len(missing)} tensors missing "
-                       f"(e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]}); build the skeleton from "
-                       "the same architecture/config as the exported model")
-    state, deferred = {}, []
-    for key, target in expected.items():
-        info = layout["packed"].get(key)
-        if info is None:
-            state[key] = tensors[key].to(target.dtype)
-        elif info["kept_only"]:
-            deferred.append(key)
+    readers = {k: _Reader(k, tensors[k]) for k in ("packed", "scales", "quantizers", "floats")}
+    state = {}
+    for kind, key, item in _entries(model):
+        if kind == "layer":
+            layer: QuantWeightLayer = item
+            rows, cols = layer.codes.shape
+            bits = layer.spec.wbits
+            mask = None
+            if layer.mask is not None:
+                mask = unpack_bits(readers["packed"].take(packed_nbytes(rows * cols, 1)), 1, rows * cols)
+                mask = mask.bool().view(rows, cols)
+                state[f"{key}.mask"] = mask.view(layer.mask.shape)
+            zero = unpack_bits(readers["packed"].take(packed_nbytes(rows, bits)), bits, rows)
+            count = int(mask.sum()) if mask is not None else rows * cols
+            codes = unpack_bits(readers["packed"].take(packed_nbytes(count, bits)), bits, count)
+            if mask is not None:
+                # Pruned slots get the row's zero code, as finalize() leaves them.
+                full = zero[:, None].expand(rows, cols).clone()
+                full[mask] = codes
+                codes = full
+            state[f"{key}.zero_codes"] = zero
+            state[f"{key}.codes"] = codes.view(rows, cols)
+            state[f"{key}.scales"] = readers["scales"].take(rows).float()
+        elif kind == "raw":
+            if f"raw.{key}" not in tensors:
+                raise ValueError(f"{key} is not in the export: the skeleton does not match the exported architecture")
+            state[key] = tensors[f"raw.{key}"]
         else:
-            values = unpack_bits(tensors[key], info["bits"], info["count"]).view(info["shape"])
-            state[key] = values.bool() if info["bits"] == 1 and key.endswith(".mask") else values
-    for key in deferred:
-        # Pruned layer: scatter the kept codes; pruned slots get the row's zero code (as finalize() puts there).
-        info, owner = layout["packed"][key], key[: -len(".codes")]
-        kept = unpack_bits(tensors[key], info["bits"], info["count"])
-        full = state[f"{owner}.zero_codes"][:, None].expand(info["shape"]).clone()
-        full[state[f"{owner}.mask"].flatten(1)] = kept
-        state[key] = full
+            blob = readers["quantizers" if kind == "quantizer" else "floats"]
+            state[key] = blob.take(item.numel()).view(item.shape).to(item.dtype)
+    for reader in readers.values():
+        reader.done()
     model.load_state_dict(state, strict=True)
     return model.to(device)
-
-
-def _check_skeleton(module: nn.Module | None, name: str, spec: dict) -> None:
-    """The float module the quantized layer replaces must have the exported layer's shape."""
-    if module is None:
-        raise KeyError(f"the skeleton has no module {name!r}: build it from the exported model's config")
-    weight = getattr(module, "weight", None)
-    expected = [spec["weight_shape"][0], spec["in_size"], *spec["weight_shape"][2:]]
-    if weight is None or list(weight.shape) != expected:
-        got = list(weight.shape) if weight is not None else type(module).__name__
-        raise ValueError(f"skeleton module {name!r} has weight {got}, the export has {expected}: the skeleton "
-                         "does not match the exported architecture")
 
 
 def export_size(directory: str | os.PathLike) -> int:
@@ -176,24 +219,17 @@ def export_size(directory: str | os.PathLike) -> int:
 
 
 def nominal_bits(layout: dict) -> dict:
-    """Bits per weight of the quantized layers as the papers count them: b, or b·(1−p)+1 with pruning."""
-    total_weights = total_bits = 0.0
-    for spec in layout["layers"].values():
-        n = int(torch.Size(spec["weight_shape"]).numel())
-        b = spec["wbits"]
-        bits = b * spec["kept"] / n + 1 if spec["prune"] > 0 else b
-        total_weights += n
-        total_bits += bits * n
-    return dict(quantized_weights=int(total_weights),
-                bits_per_weight=total_bits / total_weights if total_weights else 0.0)
+    """Bits per quantized weight as the papers count them (b, or b·(1−p)+1 with pruning), from the layout."""
+    return dict(layout["summary"])
 
 
 def fp16_reference_bytes(model: nn.Module, directory: str | os.PathLike) -> int:
-    """Size of `model`'s full state dict saved as fp16 safetensors (the baseline the export is compared with)."""
-    path = Path(directory) / "fp16-reference.safetensors"
+    """Size of `model`'s state dict saved as plain fp16 safetensors (the baseline an export is compared with)."""
+    path = Path(directory) / f".fp16-reference-{uuid.uuid4().hex[:8]}.safetensors"
     state = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda p: safetensors.torch.save_file(state, str(p)))
-    size = path.stat().st_size
-    path.unlink()
-    return size
+    try:
+        _atomic_write(path, lambda p: safetensors.torch.save_file(state, str(p)))
+        return path.stat().st_size
+    finally:
+        path.unlink(missing_ok=True)

@@ -81,10 +81,9 @@ class QuantWeightLayer(nn.Module):
         self.finalized = False
 
     # -- construction --------------------------------------------------------------------------------------------
-    @classmethod
-    def from_module(cls, module: nn.Module, spec: LayerSpec, scale_dtype: torch.dtype = torch.float16):
-        """Wrap a float nn.Linear / nn.Conv2d: copy (and rotate, prune) its weight, keep its bias."""
-        weight = module.weight.detach().float().clone()
+    @staticmethod
+    def geometry(module: nn.Module, spec: LayerSpec) -> tuple[str, tuple[int, ...], int, dict | None]:
+        """(kind, stored weight shape, input size, conv arguments) of the quantized stand-in for `module`."""
         if isinstance(module, nn.Linear):
             kind, conv = "linear", None
         elif isinstance(module, nn.Conv2d):
@@ -97,11 +96,20 @@ class QuantWeightLayer(nn.Module):
                 raise ValueError(f"cannot rotate a grouped conv (groups={module.groups}): rotation mixes channels")
         else:
             raise TypeError(f"cannot quantize {type(module).__name__}: only nn.Linear and nn.Conv2d")
-        in_size = weight.shape[1]
+        shape = list(module.weight.shape)
+        in_size = shape[1]
+        if spec.rotate:
+            shape[1] = next_pow2(in_size)
+        return kind, tuple(shape), in_size, conv
+
+    @classmethod
+    def from_module(cls, module: nn.Module, spec: LayerSpec, scale_dtype: torch.dtype = torch.float16):
+        """Wrap a float nn.Linear / nn.Conv2d: copy (and rotate, prune) its weight, keep its bias."""
+        kind, shape, in_size, conv = cls.geometry(module, spec)
+        weight = module.weight.detach().float().clone()
         if spec.rotate:
             weight = rotate(weight, dim=1)
-        layer = cls(kind, tuple(weight.shape), in_size, spec, bias=module.bias is not None, conv=conv,
-                    scale_dtype=scale_dtype)
+        layer = cls(kind, shape, in_size, spec, bias=module.bias is not None, conv=conv, scale_dtype=scale_dtype)
         mask = magnitude_mask(weight, spec.prune)
         if mask is not None:
             weight = weight * mask
@@ -109,6 +117,16 @@ class QuantWeightLayer(nn.Module):
         layer.weight.data.copy_(weight)
         if module.bias is not None:
             layer.bias.data.copy_(module.bias.detach().float())
+        return layer
+
+    @classmethod
+    def empty_like(cls, module: nn.Module, spec: LayerSpec, scale_dtype: torch.dtype = torch.float16):
+        """A finalized layer with placeholder codes, shaped for the float `module` (the loader fills it in)."""
+        kind, shape, in_size, conv = cls.geometry(module, spec)
+        layer = cls(kind, shape, in_size, spec, bias=module.bias is not None, conv=conv, scale_dtype=scale_dtype)
+        rows, cols = shape[0], int(torch.Size(shape[1:]).numel())
+        layer.set_codes(torch.zeros(rows, cols, dtype=torch.uint8), torch.zeros(rows, dtype=torch.uint8),
+                        torch.ones(rows))
         return layer
 
     # -- weights ---------------------------------------------------------------------------------------------------
@@ -192,22 +210,10 @@ class QuantWeightLayer(nn.Module):
         return (f"{self.kind}, weight={self.weight_shape}, w{s.wbits}a{s.abits or 'fp'}, rotate={self.rotate}, "
                 f"prune={s.prune}, finalized={self.finalized}")
 
-    def layout(self) -> dict:
-        """What the loader needs to rebuild this layer without its data."""
-        return dict(kind=self.kind, weight_shape=list(self.weight_shape), in_size=self.in_size,
-                    bias=self.bias is not None, conv={k: list(v) if isinstance(v, tuple) else v
-                                                      for k, v in self.conv.items()},
-                    wbits=self.spec.wbits, abits=self.spec.abits, act_granularity=self.spec.act_granularity,
-                    rotate=self.rotate, prune=self.spec.prune,
-                    kept=int(self.mask.sum()) if self.mask is not None else int(torch.Size(self.weight_shape).numel()))
-
-    @classmethod
-    def from_layout(cls, layout: dict, scale_dtype: torch.dtype = torch.float16) -> "QuantWeightLayer":
-        spec = LayerSpec(layout["wbits"], layout["abits"], layout["act_granularity"], layout["rotate"],
-                         layout["prune"])
-        conv = {k: tuple(v) if isinstance(v, list) else v for k, v in layout["conv"].items()}
-        return cls(layout["kind"], tuple(layout["weight_shape"]), layout["in_size"], spec, bias=layout["bias"],
-                   conv=conv or None, scale_dtype=scale_dtype)
+    def layout(self) -> list:
+        """[wbits, abits, act granularity, rotate, prune]: with the float skeleton, all the loader needs."""
+        s = self.spec
+        return [s.wbits, s.abits, s.act_granularity, s.rotate, s.prune]
 
 
 class QuantMatmul(nn.Module):
@@ -235,12 +241,13 @@ class QuantMatmul(nn.Module):
     def extra_repr(self) -> str:
         return f"a{self.abits}, granularity={self.qa.granularity}, rotate={self.rotate}"
 
-    def layout(self) -> dict:
-        return dict(abits=self.abits, act_granularity=self.qa.granularity, rotate=self.rotate)
+    def layout(self) -> list:
+        """[abits, act granularity, rotate]."""
+        return [self.abits, self.qa.granularity, self.rotate]
 
     @classmethod
-    def from_layout(cls, layout: dict) -> "QuantMatmul":
-        return cls(layout["abits"], layout["act_granularity"], layout["rotate"])
+    def from_layout(cls, layout: list) -> "QuantMatmul":
+        return cls(*layout)
 
 
 def quant_modules(model: nn.Module):
@@ -263,8 +270,3 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
-
-
-def padded_in(layer: QuantWeightLayer) -> int:
-    """Input size the layer's weight sees (the next power of two when rotated)."""
-    return next_pow2(layer.in_size) if layer.rotate else layer.in_size

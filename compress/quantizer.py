@@ -50,11 +50,14 @@ def fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, *
     """Quantize–dequantize `x` on the grid of [lo, hi] (broadcast against x)."""
     levels = 2**bits - 1
     scale, zero = quant_params(lo, hi, bits, delta_scale, delta_zero, scale_dtype)
-    clipped = torch.minimum(torch.maximum(x, lo), hi)
+    clipped = torch.clamp(x, lo, hi)
     if integer_zero:
         zp = ste_round(-zero / scale).clamp(0, levels)
         q = (ste_round(clipped / scale) + zp).clamp(0, levels)
         return (q - zp) * scale
+    if not (torch.is_grad_enabled() and clipped.requires_grad):
+        # Inference: the same operations in place (activations are the big tensors here).
+        return clipped.sub_(zero).div_(scale).round_().clamp_(0, levels).mul_(scale).add_(zero)
     q = ste_round((clipped - zero) / scale).clamp(0, levels)
     return q * scale + zero
 
@@ -151,7 +154,7 @@ class UniformQuantizer(nn.Module):
         ds, dz = self._deltas(x)
         scale, zero = quant_params(lo, hi, self.bits, ds, dz, self.scale_dtype)
         zp = torch.round(-zero / scale).clamp(0, self.levels)
-        clipped = torch.minimum(torch.maximum(x, lo), hi)
+        clipped = torch.clamp(x, lo, hi)
         q = (torch.round(clipped / scale) + zp).clamp(0, self.levels)
         return q.to(torch.uint8), zp.reshape(-1).to(torch.uint8), scale.reshape(-1)
 

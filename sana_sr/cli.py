@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("sana_sr.quickstart", "run the main job on the bundled photos with the tiny preset (CPU)"),
     "upscale": ("sana_sr.upscale", "restore image files and folders"),
     "pretrain-tiny": ("sana_sr.tiny_base", "train the tiny preset's base weights from the bundled photos"),
+    "compress": ("sana_sr.compress_cli", "low-bit quantization (CompSRT, SPR²Q, baselines) with a packed export"),
 }
 
 

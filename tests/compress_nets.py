@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -40,3 +41,12 @@ def toy_batches(n: int = 3, seed: int = 0, size: int = 10) -> list[torch.Tensor]
 def toy_model(seed: int = 0) -> ToyRestorer:
     torch.manual_seed(seed)
     return ToyRestorer()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: thread-pool hand-offs cost more than the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

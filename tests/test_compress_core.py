@@ -12,7 +12,7 @@ from compress.hadamard import next_pow2
 from compress.layers import QuantWeightLayer, magnitude_mask
 from compress.quantizer import UniformQuantizer
 from compress.select import execution_order
-from tests.compress_nets import toy_batches, toy_model
+from tests.compress_nets import one_thread, toy_batches, toy_model  # noqa: F401 (autouse fixture)
 
 
 # -- Hadamard ---------------------------------------------------------------------------------------------------------
