@@ -16,7 +16,7 @@ from tests.compress_nets import one_thread, toy_batches, toy_model  # noqa: F401
 
 
 # -- Hadamard ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048])
 def test_fwht_equals_dense_reference(n):
     x = torch.randn(5, n, dtype=torch.float64)
     assert torch.allclose(fwht(x), x @ hadamard_matrix(n).T, atol=1e-12)
