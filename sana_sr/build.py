@@ -105,12 +105,16 @@ def _load_pretrained(preset: Preset, text_encoder: bool):
 
 
 def load_pipeline(model: str | os.PathLike, **kwargs) -> SanaSRPipeline:
-    """`model` is a preset name (built at random), a saved pipeline folder, or a hub id of one."""
+    """`model` is a preset name (built at random), a saved (or compressed) pipeline folder, or a hub id of one."""
     from .presets import PRESETS
 
     if str(model) in PRESETS:
         return build_pipeline(str(model), **kwargs)
     path = Path(model)
+    from .quantized import is_quantized_folder, load_quantized_pipeline
+
+    if is_quantized_folder(path):  # written by `sana-sr compress`
+        return load_quantized_pipeline(path)
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a SANA-SR pipeline folder (no model_index.json)")
     return SanaSRPipeline.from_pretrained(model)

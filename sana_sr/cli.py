@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-tiny": ("sana_sr.tiny_base", "train the tiny preset's base weights from the bundled photos"),
     "cost": ("sana_sr.cost", "parameters and MACs per component (meta device), latency and peak memory"),
     "shards": ("sana_sr.data.shards", "image folders (LSDIR, FFHQ, any tree) -> webdataset tar shards"),
+    "compress": ("sana_sr.compress_cli", "low-bit quantization (CompSRT, SPR²Q, baselines) with a packed export"),
 }
 
 

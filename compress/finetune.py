@@ -1,0 +1,102 @@
+"""A small distillation loop: the quantized student learns to match its full-precision teacher.
+
+Loss (SPR²Q Eq. 4–6; 2DQuant's calibration uses the same shape): L = ‖f_q(x) − f_FP(x)‖₁ + λ · Σ_l MSE(φ_l^q, φ_l^FP)
+over block outputs φ_l. Adam with cosine annealing (both papers). A non-finite loss stops the run before any update
+from it, keeping the last good parameters (CompSRT handles NaN the same way). Teacher outputs are computed once per
+calibration batch and cached.
+
+Any function with the signature of `distill` can replace it (QuantizeConfig.trainer), e.g. the training issue's loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0])
+    if hasattr(out, "sample"):
+        return out.sample
+    raise TypeError(f"cannot find a tensor in a {type(out).__name__} output")
+
+
+class FeatureTap:
+    """Forward hooks that keep the (first tensor) outputs of named modules during one forward pass."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.features: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise KeyError(f"feature modules not in the model: {missing[:5]} (of {len(missing)})")
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(_module, _args, out):
+            self.features[name] = _first_tensor(out)
+        return hook
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        features, self.features = self.features, {}
+        return features
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_groups: list[dict], *, steps: int,
+            forward: Callable, feature_modules: Sequence[str] = (), feature_weight: float = 1.0,
+            grad_clip: float | None = 1.0, progress: Callable | None = None, desc: str = "fine-tune") -> list[float]:
+    """Minimise L1(student, teacher) + λ·Σ feature MSE over `steps` passes through `batches` (cycled).
+
+    param_groups: Adam parameter groups ({"params": [...], "lr": ...}); only these change.
+    Returns the loss of every step that ran.
+    """
+    param_groups = [g for g in param_groups if g["params"]]
+    if steps <= 0 or not param_groups or not batches:
+        return []
+    optimizer = torch.optim.Adam(param_groups, betas=(0.9, 0.999))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    params = [p for g in param_groups for p in g["params"]]
+    student_tap, teacher_tap = FeatureTap(student, feature_modules), FeatureTap(teacher, feature_modules)
+    cache: dict[int, tuple[torch.Tensor, dict]] = {}
+    losses: list[float] = []
+    # The student stays in eval mode: dropout off and norm statistics frozen; gradients flow all the same.
+    try:
+        iterator = progress(range(steps), desc=desc) if progress else range(steps)
+        for step in iterator:
+            i = step % len(batches)
+            if i not in cache:
+                with torch.no_grad():
+                    cache[i] = (_first_tensor(forward(teacher, batches[i])).detach(), teacher_tap.pop())
+            target, target_features = cache[i]
+            out = _first_tensor(forward(student, batches[i]))
+            features = student_tap.pop()
+            loss = F.l1_loss(out.float(), target.float())
+            for name, value in target_features.items():
+                loss = loss + feature_weight * F.mse_loss(features[name].float(), value.float())
+            if not torch.isfinite(loss):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if progress and hasattr(iterator, "set_postfix"):
+                iterator.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+    finally:
+        student_tap.close()
+        teacher_tap.close()
+        optimizer.zero_grad(set_to_none=True)
+    return losses

@@ -1,0 +1,179 @@
+"""`sana-sr compress --method compsrt|spr2q|minmax|2dquant --wbits N --abits N MODEL_DIR -o OUT_DIR`.
+
+Quantizes the DiT's one step and the DC-AE decoder of a SANA-SR pipeline (LoRA merged first; the encoder stays full
+precision), calibrating on LQ images made from a calibration set, and writes a compressed pipeline folder with a
+real packed export (see sana_sr/quantized.py) that `sana-sr upscale --model OUT_DIR` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compress import METHODS, QuantizeConfig, fp16_reference_bytes, quantize
+from compress.methods import snap_floats
+
+from .images import EXTENSIONS, ImageError, load_image
+from .presets import PRESETS
+from .quant_sana import LatentRestorer, fold_timestep, install_matmul_sites, sana_rule
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sana-sr compress", description=__doc__.splitlines()[0])
+    p.add_argument("model", metavar="MODEL_DIR", help="pipeline folder, hub id or preset name")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR", help="compressed pipeline folder")
+    p.add_argument("--method", choices=METHODS, default="compsrt")
+    p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
+    p.add_argument("--abits", type=int, default=4, help="activation bits, 2..8; 0 = weights only (default 4)")
+    p.add_argument("--calib", nargs="+", default=None, metavar="PATH",
+                   help="calibration images: files and/or folders (default: the bundled photos)")
+    p.add_argument("--calib-count", type=int, default=16, help="calibration crops (default 16)")
+    p.add_argument("--calib-size", type=int, default=128, help="HQ crop side in pixels (default 128)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: QuantizeConfig's)")
+    p.add_argument("--routing-steps", type=int, default=None, help="SPR²Q static-routing steps")
+    p.add_argument("--lr", type=float, default=None, help="bound learning rate (relative units)")
+    p.add_argument("--prune", type=float, default=None, help="CompSRT pruning ratio (default 0.4 at 3-4 bits)")
+    p.add_argument("--act-granularity", choices=("tensor", "token"), default="tensor")
+    p.add_argument("--boundary-bits", choices=("8", "fp"), default="8",
+                   help="weights of the first and last layer: 8-bit or full precision (default 8)")
+    p.add_argument("--no-fold-timestep", action="store_true", help="keep the timestep MLP (full precision)")
+    p.add_argument("--keep-text-encoder", action="store_true", help="store the text encoder (full precision)")
+    p.add_argument("--float-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# -- calibration data ------------------------------------------------------------------------------------------------
+def iter_calibration_images(paths: list[str]) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, HxWx3 float image) for every image file named or found in a named folder.
+
+    The hook for the data issue's webdataset shards: a shard source will yield HQ images here the same way.
+    """
+    for name in paths:
+        root = Path(name)
+        if not root.exists():
+            raise ValueError(f"calibration path {root} does not exist: pass image files or folders")
+        if root.suffix == ".tar" or (root.is_dir() and any(root.glob("*.tar"))):
+            raise ValueError(f"{root}: webdataset shards are not supported for calibration yet (they come with "
+                             "the data issue); pass image files or folders")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS) if root.is_dir() else [root]
+        for path in files:
+            try:
+                yield path, load_image(path).rgb
+            except ImageError as e:
+                print(f"warning: skipping calibration image {path}: {e}", file=sys.stderr)
+
+
+def calibration_crops(paths: list[str], count: int, size: int, seed: int) -> torch.Tensor:
+    """`count` random HQ crops (count, 3, size, size) in [0, 1], spread round-robin over the images."""
+    images = [im for _, im in iter_calibration_images(paths) if min(im.shape[:2]) >= size]
+    if not images:
+        raise ValueError(f"no calibration image of at least {size}x{size} pixels in {paths}: add images or "
+                         "lower --calib-size")
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        im = images[i % len(images)]
+        top, left = rng.integers(im.shape[0] - size + 1), rng.integers(im.shape[1] - size + 1)
+        crops.append(im[top:top + size, left:left + size])
+    return torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float()
+
+
+def make_lq(hq: torch.Tensor, scale: int) -> torch.Tensor:
+    """LQ from HQ: antialiased bicubic downscaling. The data issue's real-world degradation plugs in here."""
+    lq = F.interpolate(hq, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+    return lq.clamp(0, 1)
+
+
+@torch.no_grad()
+def calibration_batches(pipe, hq: torch.Tensor, batch_size: int, progress=None) -> list[dict]:
+    """LatentRestorer inputs: LQ -> bicubic up -> DC-AE encode (full precision) -> z_L, with the default prompt."""
+    batches = []
+    chunks = list(hq.split(batch_size))
+    for chunk in progress(chunks, desc="calibration latents") if progress else chunks:
+        lq = make_lq(chunk, pipe.config.upscale)
+        up = F.interpolate(lq, size=chunk.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        latents = pipe.encode(up * 2 - 1)
+        embeds, mask = pipe.encode_prompt(None, chunk.shape[0])
+        batches.append(dict(latents=latents, prompt_embeds=embeds, prompt_mask=mask))
+    return batches
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+def compress_pipeline(pipe, config: QuantizeConfig, batches: list[dict], *, fold: bool = True,
+                      boundary_wbits: int | None = 8, progress=None):
+    """Quantize `pipe`'s DiT step + DC-AE decoder in place; returns (restorer, result, fp16 reference bytes)."""
+    pipe.merge_lora()
+    restorer = LatentRestorer.from_pipeline(pipe)
+    params = sum(p.numel() for p in restorer.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = fp16_reference_bytes(restorer, tmp)
+        install_matmul_sites(restorer.transformer, restorer.decoder)
+        if fold:
+            fold_timestep(restorer.transformer, restorer.timestep)
+        folded_reference = fp16_reference_bytes(restorer, tmp)
+    result = quantize(restorer, batches, config, rule=sana_rule(boundary_wbits), progress=progress,
+                      feature_modules=restorer.feature_modules())
+    # The encoder is stored in the float dtype too: round it now, so the in-memory pipeline is the saved one.
+    snap_floats(pipe.vae.encoder, config.storage_dtype)
+    return restorer, result, dict(params=params, fp16_bytes=reference, fp16_folded_bytes=folded_reference)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from .build import load_pipeline
+    from .quantized import save_quantized_pipeline
+    from .quickstart import bundled
+
+    progress = partial(tqdm, disable=None, leave=False)
+    overrides = {k: v for k, v in dict(steps=args.steps, routing_steps=args.routing_steps, lr=args.lr,
+                                       prune=args.prune).items() if v is not None}
+    try:
+        config = QuantizeConfig(method=args.method, wbits=args.wbits, abits=args.abits or None,
+                                act_granularity=args.act_granularity, float_dtype=args.float_dtype,
+                                seed=args.seed, **overrides)
+        preset_kwargs = dict(text_encoder=args.keep_text_encoder) if args.model in PRESETS else {}
+        pipe = load_pipeline(args.model, **preset_kwargs)
+        hq = calibration_crops(args.calib or [str(bundled("photos"))], args.calib_count, args.calib_size, args.seed)
+    except (OSError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    pipe.set_progress_bar_config(disable=True)
+    start = time.time()
+    batches = calibration_batches(pipe, hq, args.batch_size, progress)
+    boundary = None if args.boundary_bits == "fp" else int(args.boundary_bits)
+    restorer, result, reference = compress_pipeline(pipe, config, batches, fold=not args.no_fold_timestep,
+                                                    boundary_wbits=boundary, progress=progress)
+    report = dict(
+        command="sana-sr compress " + " ".join(argv if argv is not None else sys.argv[1:]),
+        model=str(args.model), config={k: v for k, v in dataclasses.asdict(config).items() if k != "trainer"},
+        folded_timestep=not args.no_fold_timestep, boundary_bits=args.boundary_bits,
+        calibration=dict(images=args.calib or ["<bundled photos>"], crops=args.calib_count, size=args.calib_size),
+        reference=reference, seconds=round(time.time() - start, 1),
+        losses={k: [round(v[0], 6), round(v[-1], 6)] if v else [] for k, v in result.losses.items()},
+        plan=[dataclasses.asdict(d) for d in result.decisions],
+        versions=dict(python=platform.python_version(), torch=torch.__version__),
+    )
+    layout = save_quantized_pipeline(pipe, restorer, args.output, float_dtype=args.float_dtype, report=report,
+                                     keep_text_encoder=args.keep_text_encoder)
+    size = json.loads((args.output / "compression.json").read_text())["export"]["bytes"]
+    print(f"{args.method} W{args.wbits}A{args.abits or 'fp'}: quantized DiT+decoder {size / 1024:.1f} KiB on disk, "
+          f"{reference['fp16_bytes'] / size:.2f}x smaller than fp16 ({reference['fp16_bytes'] / 1024:.1f} KiB; "
+          f"{reference['fp16_folded_bytes'] / size:.2f}x vs fp16 with the same timestep folding), "
+          f"{layout['summary']['bits_per_weight']:.2f} bits/weight (paper formula) -> {args.output}")
+    return 0

@@ -1,0 +1,108 @@
+"""SANA-SR compression: quantizing attention processors, file sizes of the tiny model, the CLI, reload."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from compress import QuantizeConfig
+from sana_sr.compress_cli import calibration_batches, calibration_crops, compress_pipeline, main
+from sana_sr.quant_sana import LatentRestorer, fold_timestep, install_matmul_sites
+from sana_sr.quantized import load_quantized_pipeline
+from tests.compress_nets import one_thread  # noqa: F401 (autouse fixture)
+from tests.conftest import ASSETS
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_pipe):
+    hq = calibration_crops([str(ASSETS / "photos")], count=4, size=32, seed=0)
+    return calibration_batches(tiny_pipe, hq, batch_size=2)
+
+
+def test_matmul_sites_and_folding_leave_the_model_unchanged(tiny_pipe, calib):
+    restorer = LatentRestorer.from_pipeline(copy.deepcopy(tiny_pipe))
+    batch = calib[0]
+    with torch.no_grad():
+        reference = restorer(**batch)
+        assert install_matmul_sites(restorer.transformer, restorer.decoder) == 2 * 4 + 2  # attn1+attn2 x4, 2 in AE
+        fold_timestep(restorer.transformer, restorer.timestep)
+        out = restorer(**batch)
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert sum(p.numel() for p in restorer.transformer.time_embed.parameters()) == 0
+    with pytest.raises(ValueError, match="folded at t"):
+        restorer.transformer.time_embed(torch.tensor([10.0]), batch_size=1)
+
+
+@pytest.mark.parametrize("wbits, abits, ratio", [(4, 4, 3.5), (2, 2, 6.0)])
+def test_tiny_model_file_is_smaller_than_fp16(tiny_pipe, calib, wbits, abits, ratio, tmp_path):
+    from sana_sr.quantized import save_quantized_pipeline
+
+    pipe = copy.deepcopy(tiny_pipe)
+    config = QuantizeConfig(method="minmax", wbits=wbits, abits=abits)
+    restorer, _, reference = compress_pipeline(pipe, config, calib)
+    save_quantized_pipeline(pipe, restorer, tmp_path / "q", float_dtype="float16",
+                            report=dict(folded_timestep=True))
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "q" / "quantized").iterdir())
+    assert reference["fp16_bytes"] / on_disk >= ratio, (reference, on_disk)
+
+
+def test_cli_compresses_reloads_exactly_and_upscales(tiny_pipe, tmp_path, capsys):
+    model_dir, out_dir = tmp_path / "model", tmp_path / "q"
+    tiny_pipe.save_pretrained(model_dir)  # with its (non-trivial) LoRA adapter, merged by the command
+    code = main([str(model_dir), "-o", str(out_dir), "--method", "spr2q", "--wbits", "3", "--abits", "4",
+                 "--calib-count", "4", "--calib-size", "32", "--batch-size", "2", "--steps", "2",
+                 "--routing-steps", "1"])
+    assert code == 0
+    assert "spr2q W3A4" in capsys.readouterr().out
+    report = json.loads((out_dir / "compression.json").read_text())
+    assert report["config"]["method"] == "spr2q" and report["export"]["summary"]["bits_per_weight"] > 3
+    assert any(d["action"] == "weight-only" and "first layer" in d["reason"] for d in report["plan"])
+    assert len(report["losses"]["rectifiers"]) == 2 and len(report["losses"]["routing"]) == 2
+
+    pipe = load_quantized_pipeline(out_dir)
+    pipe.set_progress_bar_config(disable=True)
+    again = load_quantized_pipeline(out_dir)
+    again.set_progress_bar_config(disable=True)
+    lq = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, second = pipe(lq), again(lq)
+    assert first.shape == (1, 3, 64, 96) and torch.isfinite(first).all()
+    assert torch.equal(first, second)
+
+    from sana_sr import upscale
+    from PIL import Image
+
+    Image.fromarray((lq[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "lq.png")
+    assert upscale.main([str(tmp_path / "lq.png"), "-o", str(tmp_path / "sr"), "--model", str(out_dir)]) == 0
+    assert Image.open(tmp_path / "sr" / "lq.png").size == (96, 64)
+
+
+def test_compress_in_memory_equals_reloaded(tiny_pipe, calib, tmp_path):
+    from sana_sr.quantized import save_quantized_pipeline
+
+    pipe = copy.deepcopy(tiny_pipe)
+    config = QuantizeConfig(method="compsrt", wbits=4, abits=4, steps=2)
+    restorer, result, _ = compress_pipeline(pipe, config, calib)
+    save_quantized_pipeline(pipe, restorer, tmp_path / "q", float_dtype="float16",
+                            report=dict(folded_timestep=True))
+    reloaded = load_quantized_pipeline(tmp_path / "q")
+    for p in (pipe, reloaded):
+        p.set_progress_bar_config(disable=True)
+    lq = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(pipe(lq), reloaded(lq))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["tiny", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000000.tar").write_bytes(b"")
+    assert main(["tiny", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "shards")]) == 2
+    assert "shards are not supported for calibration yet" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "q"), "--wbits", "1"]) == 2
+    assert "wbits must be in 2..8, got 1" in capsys.readouterr().err
