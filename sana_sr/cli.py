@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upscale": ("sana_sr.upscale", "restore image files and folders"),
     "pretrain-tiny": ("sana_sr.tiny_base", "train the tiny preset's base weights from the bundled photos"),
     "cost": ("sana_sr.cost", "parameters and MACs per component (meta device), latency and peak memory"),
+    "prune": ("sana_sr.prune_cli", "prompt-aware structured pruning of the DiT (heads, channels, blocks)"),
 }
 
 

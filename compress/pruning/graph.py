@@ -19,7 +19,8 @@ torch-pruning that altered the coupling fails loudly instead of producing a brok
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,23 @@ def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return params
 
 
+@contextmanager
+def traceable(model: nn.Module) -> Iterator[None]:
+    """torch-pruning traces through autograd: frozen parameters (a merged LoRA leaves the base frozen) would give
+    outputs without a graph, so every parameter requires grad while tracing; the flags are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        with torch.enable_grad(), warnings.catch_warnings():
+            # torch-pruning warns about every op it treats as element-wise (attention internals): expected here.
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 class SanaDependencyGraph:
     """The dependency graph of a SanaTransformer2DModel whose feed-forwards are `SplitGLUMBConv`s.
 
@@ -77,9 +95,7 @@ class SanaDependencyGraph:
         self.model = model
         self.head_dim, self.cross_head_dim = head_dims(model.config)
         inputs = inputs if inputs is not None else example_inputs(model)
-        with torch.enable_grad(), warnings.catch_warnings():
-            # torch-pruning warns about every op it treats as element-wise (attention internals): expected here.
-            warnings.simplefilter("ignore", UserWarning)
+        with traceable(model):
             self.DG = tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, forward_fn=forward_fn,
                 unwrapped_parameters=unwrapped_parameters(model), verbose=False,
@@ -182,7 +198,6 @@ def meta_pruner(model: nn.Module, importance: tp.importance.Importance, inputs: 
     options = dict(prune_num_heads=True, prune_head_dims=False, num_heads=num_heads, ignored_layers=ignored,
                    unwrapped_parameters=unwrapped_parameters(model), forward_fn=forward_fn)
     options.update(kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+    with traceable(model):
         return tp.pruner.MetaPruner(model, inputs if inputs is not None else example_inputs(model), importance,
                                     **options)

@@ -66,6 +66,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan, inputs: dict[str, torch.Tens
     check_supported(model)
     widths = model_widths(model)
     _check_plan(plan, widths)
+    # torch-pruning makes new (trainable) parameters; the pruned model is left frozen or not as the input was.
+    trainable = any(p.requires_grad for p in model.parameters())
     blocks = blocks_of(model)
     model.transformer_blocks = nn.ModuleList([blocks[b] for b in plan.kept_blocks])
     split_glu(model)
@@ -77,6 +79,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, inputs: dict[str, torch.Tens
     merge_glu(model)
     sync_heads(model)
     pruned = as_pruned_model(model, plan.kept_blocks)
+    pruned.requires_grad_(trainable)
     if pruned.widths != plan.widths():
         raise RuntimeError(f"pruned widths {pruned.widths} differ from the plan's {plan.widths()}")
     return pruned
