@@ -106,7 +106,8 @@ def prepare_batches(pipe: SanaSRPipeline, batches: Sequence[CalibrationBatch], n
             embeds, mask = _null_prompt(pipe, b)
         elif batch.prompt_embeds is not None:
             embeds = batch.prompt_embeds.to(device)
-            mask = batch.prompt_mask.to(device) if batch.prompt_mask is not None else torch.ones(embeds.shape[:2])
+            mask = (batch.prompt_mask.to(device) if batch.prompt_mask is not None
+                    else torch.ones(embeds.shape[:2], dtype=torch.long, device=device))
         else:
             embeds, mask = pipe.encode_prompt(list(batch.prompts), b)
         prepared.append(PreparedBatch(latents, batch.hq.to(device) * 2 - 1, embeds, mask))
@@ -147,11 +148,11 @@ def importance_scores(pipe: SanaSRPipeline, method: str, batches: Sequence[Calib
     """Scores of every head, channel and block of the pipeline's DiT by `method` (None for "none")."""
     if method == "none":
         return None
-    if method == "magnitude":
-        return score(pipe.transformer, "magnitude")
     if pipe.transformer.device.type == "meta":
         raise ValueError(f"importance {method!r} needs weight values; the model is on the meta device: "
                          "use importance='none' with plan='uniform'")
+    if method == "magnitude":
+        return score(pipe.transformer, "magnitude")
     if not batches:
         raise ValueError(f"importance {method!r} needs calibration batches")
     prepared = prepare_batches(pipe, batches, null_prompt=method == "taylor-null")

@@ -140,3 +140,32 @@ def test_sana_06b_dit_to_344m_params_on_the_meta_device(tmp_path):
     assert row, "docs/pruning.md lacks the 344M row"
     assert float(row.group(1).replace(",", "")) == pytest.approx(costs["dit"].params / 1e6, abs=0.01)
     assert float(row.group(2).replace(",", "")) == pytest.approx(costs["dit"].macs / 1e9, abs=0.01)
+
+
+def test_a_lora_on_the_pruned_dit_saves_and_reloads(pipe, batches, tmp_path):
+    """The recovery fine-tune may train a LoRA on the pruned DiT: the adapter rides along like on the unpruned one."""
+    from sana_sr import LoraSettings
+    from sana_sr.lora import add_lora
+
+    from .conftest import randomize_lora
+
+    p = copy.deepcopy(pipe)
+    prune_pipeline(p, PruneSettings(target_params=0.5, importance="magnitude"))
+    add_lora(p.transformer, LoraSettings(rank=2))
+    randomize_lora(p.transformer)
+    out = _restore(p, batches)
+    p.save_pretrained(tmp_path / "pruned-lora")
+    reloaded = SanaSRPipeline.from_pretrained(tmp_path / "pruned-lora")
+    reloaded.set_progress_bar_config(disable=True)
+    assert getattr(reloaded.transformer, "peft_config", None)
+    assert torch.equal(_restore(reloaded, batches), out)
+
+
+def test_calibration_pairs_are_seeded_real_crops_with_prompts():
+    a = calibration_batches(pairs=3, batch_size=2, crop=32, seed=5)
+    b = calibration_batches(pairs=3, batch_size=2, crop=32, seed=5)
+    assert [x.hq.shape[0] for x in a] == [2, 1] and a[0].lq.shape[2:] == (8, 8)
+    assert all(torch.equal(x.lq, y.lq) and x.prompts == y.prompts for x, y in zip(a, b))
+    assert float(a[0].lq.min()) >= 0 and float(a[0].lq.max()) <= 1
+    with pytest.raises(ValueError, match="multiple of the scale"):
+        calibration_batches(crop=30)
