@@ -67,11 +67,11 @@ def unit_sums(graph: SanaDependencyGraph, layer: PrunableLayer,
             continue
         seen.add((id(module), out))
         idx = torch.as_tensor(item.idxs, device=module.weight.device)
-        weight = stat(module.weight)
+        weight = stat(module.weight).float()  # bf16 sums over thousands of terms lose the ranking
         if out:
             per = weight.index_select(0, idx).flatten(1).sum(1)
             if module.bias is not None:
-                per = per + stat(module.bias).index_select(0, idx)
+                per = per + stat(module.bias).float().index_select(0, idx)
         else:
             per = weight.index_select(1, idx).transpose(0, 1).flatten(1).sum(1)
         units = torch.as_tensor(item.root_idxs) // layer.unit_size

@@ -87,9 +87,9 @@ class SplitGLUMBConv(nn.Module):
 
 def _merged_conv(value: nn.Conv2d, gate: nn.Conv2d, groups: int) -> nn.Conv2d:
     k = value.kernel_size[0]
-    with torch.device(value.weight.device):
+    with torch.device("meta"):  # both parameters are replaced below
         conv = nn.Conv2d(value.in_channels if groups == 1 else 2 * value.in_channels, 2 * value.out_channels, k, 1,
-                         k // 2, groups=groups, dtype=value.weight.dtype)
+                         k // 2, groups=groups)
     conv.weight = nn.Parameter(torch.cat([value.weight.detach(), gate.weight.detach()]), value.weight.requires_grad)
     conv.bias = nn.Parameter(torch.cat([value.bias.detach(), gate.bias.detach()]), value.bias.requires_grad)
     return conv
