@@ -1,5 +1,6 @@
 """Model-agnostic low-bit compression: SPR²Q and CompSRT quantization, min-max and 2DQuant-style baselines, and a
-real packed export (n-bit integers in safetensors, not fake quantization on disk).
+real packed export (n-bit integers in safetensors, not fake quantization on disk); `compress.pruning`: structured
+pruning of the SANA DiT on torch-pruning's dependency graph.
 
 Takes any torch.nn.Module and a list of calibration batches; imports nothing from sana_sr.
 

@@ -68,9 +68,10 @@ def meta_model(model: str) -> MetaModel:
     from diffusers import AutoencoderDC, DiffusionPipeline, SanaTransformer2DModel
 
     index = DiffusionPipeline.load_config(model)
+    transformer_config = SanaTransformer2DModel.load_config(model, subfolder="transformer")
     with torch.device("meta"):
         vae = AutoencoderDC.from_config(AutoencoderDC.load_config(model, subfolder="vae"))
-        transformer = SanaTransformer2DModel.from_config(SanaTransformer2DModel.load_config(model, subfolder="transformer"))
+        transformer = _dit_class(transformer_config).from_config(transformer_config)
         text_encoder = None
         if index.get("text_encoder", [None])[0] is not None:
             from transformers import AutoConfig, AutoModel
@@ -78,6 +79,17 @@ def meta_model(model: str) -> MetaModel:
             text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(model, subfolder="text_encoder"))
     return MetaModel(vae, transformer, text_encoder, int(index.get("max_sequence_length", 300)),
                      int(index.get("upscale", 4)))
+
+
+def _dit_class(config: dict):
+    """The DiT class a saved config names: diffusers' SANA DiT, or the pruned one (per-block widths)."""
+    if config.get("_class_name") == "PrunedSanaTransformer2DModel":
+        from compress.pruning import PrunedSanaTransformer2DModel
+
+        return PrunedSanaTransformer2DModel
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel
 
 
 def count_macs(fn) -> tuple[int, dict[str, int]]:
@@ -98,6 +110,22 @@ def padded_size(model: MetaModel, height: int, width: int) -> tuple[int, int]:
     return -(-height // m) * m, -(-width // m) * m
 
 
+def dit_cost(transformer: torch.nn.Module, latent_hw: tuple[int, int], prompt_tokens: int) -> ComponentCost:
+    """Params and MACs of one DiT call (batch 1) on latents of `latent_hw` with `prompt_tokens` text tokens.
+
+    Runs on the transformer's own device (meta: no memory); `sana_sr.pruning` costs its pruning plans with it.
+    """
+    device = next(transformer.parameters()).device
+    latents = torch.empty(1, transformer.config.in_channels, *latent_hw, device=device)
+    prompt = torch.empty(1, prompt_tokens, transformer.config.caption_channels, device=device)
+    mask = torch.ones(1, prompt_tokens, device=device)
+    timestep = torch.ones(1, device=device)
+    with torch.no_grad():
+        macs, ops = count_macs(lambda: transformer(
+            latents, encoder_hidden_states=prompt, encoder_attention_mask=mask, timestep=timestep, return_dict=False))
+    return ComponentCost("dit", _params(transformer), macs, ops)
+
+
 def component_costs(model: MetaModel, height: int, width: int, text: bool = True) -> list[ComponentCost]:
     """Cost of each component for one image restored to `height` x `width` (batch 1); `text`: count the text
     encoder too (its cost does not depend on the image size)."""
@@ -106,17 +134,11 @@ def component_costs(model: MetaModel, height: int, width: int, text: bool = True
     meta = torch.device("meta")
     image = torch.empty(1, 3, height, width, device=meta)
     latents = torch.empty(1, model.vae.config.latent_channels, height // ratio, width // ratio, device=meta)
-    caption = model.transformer.config.caption_channels
-    prompt = torch.empty(1, model.prompt_tokens, caption, device=meta)
-    mask = torch.ones(1, model.prompt_tokens, device=meta)
-    timestep = torch.ones(1, device=meta)
     costs = []
     with torch.no_grad():
         macs, ops = count_macs(lambda: model.vae.encoder(image))
         costs.append(ComponentCost("dc-ae encoder", _params(model.vae.encoder), macs, ops))
-        macs, ops = count_macs(lambda: model.transformer(
-            latents, encoder_hidden_states=prompt, encoder_attention_mask=mask, timestep=timestep, return_dict=False))
-        costs.append(ComponentCost("dit", _params(model.transformer), macs, ops))
+        costs.append(dit_cost(model.transformer, latents.shape[2:], model.prompt_tokens))
         macs, ops = count_macs(lambda: model.vae.decoder(latents))
         costs.append(ComponentCost("dc-ae decoder", _params(model.vae.decoder), macs, ops))
         if model.text_encoder is not None and text:
