@@ -93,6 +93,10 @@ def _load_pretrained(preset: Preset, text_encoder: bool):
             f"preset {preset.name!r} has no published weights: build it with weights='random', "
             "or load a saved pipeline folder with SanaSRPipeline.from_pretrained"
         )
+    for local in (preset.vae_id, preset.base_id):
+        if os.path.isabs(local) and not Path(local).is_dir():  # a local folder, not a hub id
+            raise FileNotFoundError(f"preset {preset.name!r}: weights folder {local} is missing "
+                                    "(the tiny base is made by `sana-sr pretrain-tiny`)")
     vae = AutoencoderDC.from_pretrained(preset.vae_id, torch_dtype=torch.float32)
     transformer = SanaTransformer2DModel.from_pretrained(preset.base_id, subfolder="transformer")
     encoder = tokenizer = None

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cost": ("sana_sr.cost", "parameters and MACs per component (meta device), latency and peak memory"),
     "shards": ("sana_sr.data.shards", "image folders (LSDIR, FFHQ, any tree) -> webdataset tar shards"),
     "compress": ("sana_sr.compress_cli", "low-bit quantization (CompSRT, SPR²Q, baselines) with a packed export"),
+    "publish": ("sana_sr.publish", "build a hub-ready folder with a model card from a run and upload it (one commit)"),
     "prune": ("sana_sr.prune_cli", "prompt-aware structured pruning of the DiT (heads, channels, blocks)"),
 }
 
