@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
+import math
 import os
 import platform
 import sys
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.pruning import BlockFeatures, DistillWeights, distillation_loss, feature_pairs  # noqa: E402
 from sana_sr import SanaSRPipeline, build_pipeline  # noqa: E402
 from sana_sr.atomic import atomic_directory, atomic_file  # noqa: E402
-from sana_sr.calibration import calibration_batches, simple_degradation  # noqa: E402
+from sana_sr.calibration import calibration_batches  # noqa: E402
 from sana_sr.metrics.fidelity import psnr_y, ssim_y, to_8bit_levels  # noqa: E402
 from sana_sr.pipeline import predict_velocity  # noqa: E402
 from sana_sr.pruning import PruneSettings, importance_scores, prepare_batches, prune_pipeline  # noqa: E402
@@ -50,6 +53,35 @@ EVAL_PROMPTS = {
     "woman.png": "a photo of a woman, face, hair",
 }
 
+
+def _gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def simple_degradation(hq: torch.Tensor, scale: int, generator: torch.Generator) -> torch.Tensor:
+    """Per image: Gaussian blur (sigma in [0.4, 1.6]), bicubic x1/scale, Gaussian noise (sigma in [1, 8]/255),
+    JPEG (quality in [50, 95]), 8-bit levels. This benchmark's degradation as it was measured (docs/pruning.md);
+    the project's calibration uses the Real-ESRGAN one (sana_sr.calibration.realesrgan_degradation)."""
+    out = []
+    for image in hq:
+        u = torch.rand(4, generator=generator).tolist()
+        sigma = 0.4 + 1.2 * u[0]
+        radius = max(1, math.ceil(3 * sigma))
+        k = _gaussian_kernel(sigma, radius)
+        x = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        x = F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+        h, w = image.shape[1] // scale, image.shape[2] // scale
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        x = x + torch.randn(x.shape, generator=generator) * (1 + 7 * u[1]) / 255
+        array = (x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=int(50 + 45 * u[2]))
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32) / 255
+        out.append(torch.from_numpy(decoded).permute(2, 0, 1))
+    return torch.stack(out)
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -100,7 +132,8 @@ def train_steps(pipe, steps: int, lr: float, batch: int, crop: int, seed: int, t
     pairs = feature_pairs(getattr(dit.config, "kept_blocks", None), len(dit.transformer_blocks))
     losses = []
     for step in range(steps):
-        (b,) = prepare_batches(pipe, calibration_batches(None, batch, batch, crop, 4, seed * 100003 + step))
+        pairs_now = calibration_batches(None, batch, batch, crop, 4, seed * 100003 + step, simple_degradation)
+        (b,) = prepare_batches(pipe, pairs_now)
         t = torch.full((b.latents.shape[0],), pipe.timestep)
         with BlockFeatures(dit) as s_feats:
             v = predict_velocity(dit, b.latents, t, b.embeds, b.mask)
@@ -179,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"bicubic": {"eval": evaluate(None, images)},
                "unpruned": {"eval": evaluate(base, images), "params": sum(t.numel() for t in base.transformer.parameters())}}
     log(f"unpruned: {results['unpruned']['eval']['psnr']:.3f} dB")
-    calib = calibration_batches(None, args.calib_pairs, 4, args.crop, 4, args.run_seed + 11)
+    calib = calibration_batches(None, args.calib_pairs, 4, args.crop, 4, args.run_seed + 11, simple_degradation)
     weights = DistillWeights(args.distill_output, args.distill_features)
     for method in args.methods.split(","):
         t0 = time.perf_counter()

@@ -99,13 +99,22 @@ def _load_pretrained(preset: Preset, text_encoder: bool):
                                     "(the tiny base is made by `sana-sr pretrain-tiny`)")
     vae = AutoencoderDC.from_pretrained(preset.vae_id, torch_dtype=torch.float32)
     transformer = SanaTransformer2DModel.from_pretrained(preset.base_id, subfolder="transformer")
-    encoder = tokenizer = None
-    if text_encoder:
-        from transformers import AutoModel, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(preset.base_id, subfolder="tokenizer")
-        encoder = AutoModel.from_pretrained(preset.base_id, subfolder="text_encoder", dtype="auto")
+    encoder, tokenizer = load_text_encoder(preset.base_id) if text_encoder else (None, None)
     return vae, transformer, encoder, tokenizer
+
+
+def load_text_encoder(source: str | os.PathLike):
+    """(Gemma-2 encoder, tokenizer) from a preset name, or a folder / hub id with text_encoder/ and tokenizer/."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .presets import PRESETS
+
+    if str(source) in PRESETS:
+        source = PRESETS[str(source)].base_id
+        if source is None:
+            raise ValueError("this preset has no published text encoder")
+    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    return AutoModel.from_pretrained(source, subfolder="text_encoder", dtype="auto"), tokenizer
 
 
 def load_pipeline(model: str | os.PathLike, **kwargs) -> SanaSRPipeline:

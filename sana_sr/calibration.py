@@ -1,26 +1,22 @@
-"""Calibration pairs for prompt-aware pruning: real photo crops, a degradation, and each photo's prompt.
+"""Calibration pairs for pruning and quantization: real photo crops, a degradation, and each photo's prompt.
 
-The degradation is a hook (`Degradation`): the default here is a simple, seeded blur -> downscale -> noise ->
-JPEG chain. The Real-ESRGAN second-order degradation of training (sana_sr/data on the data branch) plugs in as
-any callable `(hq (B, 3, H, W) in [0, 1], scale, generator) -> lq (B, 3, H / scale, W / scale) in [0, 1]`.
+The degradation is a hook (`Degradation`, any callable `(hq (B, 3, H, W) in [0, 1], scale, generator) -> lq`); the
+default is training's Real-ESRGAN second-order degradation with every draw seeded from `generator`.
 Prompts: a caption file next to each image (`photo.png` -> `photo.txt`), the bundled photos' captions, or "".
+Unreadable or too-small images are skipped with a warning naming them; none left is an error.
 """
 
 from __future__ import annotations
 
-import io
-import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 Degradation = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @dataclass
@@ -39,33 +35,13 @@ class CalibrationBatch:
     """(B, L) mask of `prompt_embeds`."""
 
 
-def _gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    return k / k.sum()
+def realesrgan_degradation(hq: torch.Tensor, scale: int, generator: torch.Generator) -> torch.Tensor:
+    """Training's degradation (sana_sr.data), every kernel and noise draw seeded from `generator`."""
+    from .data.degradation import degrade_images
+    from .data.degradation_config import DegradationConfig
 
-
-def simple_degradation(hq: torch.Tensor, scale: int, generator: torch.Generator) -> torch.Tensor:
-    """Per image: Gaussian blur (sigma in [0.4, 1.6]), bicubic x1/scale, Gaussian noise (sigma in [1, 8]/255),
-    JPEG (quality in [50, 95]), 8-bit levels. A stand-in for Real-ESRGAN's degradation, same interface."""
-    out = []
-    for image in hq:
-        u = torch.rand(4, generator=generator).tolist()
-        sigma = 0.4 + 1.2 * u[0]
-        radius = max(1, math.ceil(3 * sigma))
-        k = _gaussian_kernel(sigma, radius)
-        x = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
-        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
-        x = F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
-        h, w = image.shape[1] // scale, image.shape[2] // scale
-        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-        x = x + torch.randn(x.shape, generator=generator) * (1 + 7 * u[1]) / 255
-        array = (x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=int(50 + 45 * u[2]))
-        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32) / 255
-        out.append(torch.from_numpy(decoded).permute(2, 0, 1))
-    return torch.stack(out)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    return degrade_images(hq, seed, DegradationConfig(scale=scale))
 
 
 def bundled_calibration_images() -> list[Path]:
@@ -87,11 +63,13 @@ def prompt_for(path: Path) -> str:
 
 
 def expand_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); an error names what was not found."""
+    """Files as given, folders searched recursively for images (sorted); an error names what was not found."""
+    from .images import EXTENSIONS
+
     images = []
     for p in map(Path, paths):
         if p.is_dir():
-            images += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            images += sorted(q for q in p.rglob("*") if q.suffix.lower() in EXTENSIONS and not q.name.startswith("."))
         elif p.is_file():
             images.append(p)
         else:
@@ -101,6 +79,28 @@ def expand_images(paths: Sequence[str | Path]) -> list[Path]:
     return images
 
 
+def load_photos(paths: Sequence[Path], crop: int) -> list[tuple[Path, torch.Tensor]]:
+    """(path, (3, H, W) in [0, 1]) of every readable image with both sides >= crop; the rest skipped with a warning."""
+    from .images import ImageError, load_image
+
+    photos = []
+    for path in paths:
+        try:
+            rgb = load_image(path).rgb
+        except ImageError as e:
+            print(f"warning: skipping calibration image {path}: {e}", file=sys.stderr)
+            continue
+        if min(rgb.shape[:2]) < crop:
+            print(f"warning: skipping calibration image {path}: {rgb.shape[1]}x{rgb.shape[0]} is smaller than the "
+                  f"{crop} px crop", file=sys.stderr)
+            continue
+        photos.append((path, torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()))
+    if not photos:
+        raise ValueError(f"no calibration image of at least {crop}x{crop} pixels among {len(paths)}: add larger "
+                         "images or lower the crop size")
+    return photos
+
+
 def calibration_batches(
     images: Sequence[str | Path] | None = None,
     pairs: int = 16,
@@ -108,7 +108,7 @@ def calibration_batches(
     crop: int = 64,
     scale: int = 4,
     seed: int = 0,
-    degradation: Degradation = simple_degradation,
+    degradation: Degradation = realesrgan_degradation,
     prompts: Callable[[Path], str] = prompt_for,
 ) -> list[CalibrationBatch]:
     """`pairs` random HQ crops (`crop` px, a multiple of `scale`) of `images`, degraded to LQ, in batches."""
@@ -116,16 +116,8 @@ def calibration_batches(
         raise ValueError(f"crop {crop} must be a multiple of the scale {scale}")
     if pairs < 1 or batch_size < 1:
         raise ValueError(f"need pairs >= 1 and batch_size >= 1, got {pairs} and {batch_size}")
-    paths = expand_images(images) if images else bundled_calibration_images()
-    photos, captions = [], []
-    for path in paths:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-        if min(array.shape[:2]) < crop:
-            raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]}, smaller than the {crop} px crop: "
-                             "pass larger images or a smaller --crop")
-        photos.append(torch.from_numpy(array).permute(2, 0, 1))
-        captions.append(prompts(path))
+    loaded = load_photos(expand_images(images) if images else bundled_calibration_images(), crop)
+    photos, captions = [photo for _, photo in loaded], [prompts(path) for path, _ in loaded]
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, pairs, batch_size):

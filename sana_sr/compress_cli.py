@@ -14,18 +14,16 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from compress import METHODS, QuantizeConfig, fp16_reference_bytes, quantize
 from compress.methods import snap_floats
 
-from .images import EXTENSIONS, ImageError, load_image
+from .calibration import CalibrationBatch, calibration_batches
+from .pipeline import bicubic_upsample
 from .presets import PRESETS
 from .quant_sana import LatentRestorer, fold_timestep, install_matmul_sites, sana_rule
 
@@ -38,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
     p.add_argument("--abits", type=int, default=4, help="activation bits, 2..8; 0 = weights only (default 4)")
     p.add_argument("--calib", nargs="+", default=None, metavar="PATH",
-                   help="calibration images: files and/or folders (default: the bundled photos)")
+                   help="calibration images: files and/or folders (default: the bundled training photos); LQ made "
+                        "by the training degradation")
     p.add_argument("--calib-count", type=int, default=16, help="calibration crops (default 16)")
     p.add_argument("--calib-size", type=int, default=128, help="HQ crop side in pixels (default 128)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -57,58 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- calibration data ------------------------------------------------------------------------------------------------
-def iter_calibration_images(paths: list[str]) -> Iterator[tuple[Path, np.ndarray]]:
-    """(path, HxWx3 float image) for every image file named or found in a named folder.
-
-    The hook for the data issue's webdataset shards: a shard source will yield HQ images here the same way.
-    """
-    for name in paths:
-        root = Path(name)
-        if not root.exists():
-            raise ValueError(f"calibration path {root} does not exist: pass image files or folders")
-        if root.suffix == ".tar" or (root.is_dir() and any(root.glob("*.tar"))):
-            raise ValueError(f"{root}: webdataset shards are not supported for calibration yet (they come with "
-                             "the data issue); pass image files or folders")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS) if root.is_dir() else [root]
-        for path in files:
-            try:
-                yield path, load_image(path).rgb
-            except ImageError as e:
-                print(f"warning: skipping calibration image {path}: {e}", file=sys.stderr)
-
-
-def calibration_crops(paths: list[str], count: int, size: int, seed: int) -> torch.Tensor:
-    """`count` random HQ crops (count, 3, size, size) in [0, 1], spread round-robin over the images."""
-    images = [im for _, im in iter_calibration_images(paths) if min(im.shape[:2]) >= size]
-    if not images:
-        raise ValueError(f"no calibration image of at least {size}x{size} pixels in {paths}: add images or "
-                         "lower --calib-size")
-    rng = np.random.default_rng(seed)
-    crops = []
-    for i in range(count):
-        im = images[i % len(images)]
-        top, left = rng.integers(im.shape[0] - size + 1), rng.integers(im.shape[1] - size + 1)
-        crops.append(im[top:top + size, left:left + size])
-    return torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float()
-
-
-def make_lq(hq: torch.Tensor, scale: int) -> torch.Tensor:
-    """LQ from HQ: antialiased bicubic downscaling. The data issue's real-world degradation plugs in here."""
-    lq = F.interpolate(hq, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
-    return lq.clamp(0, 1)
-
-
 @torch.no_grad()
-def calibration_batches(pipe, hq: torch.Tensor, batch_size: int, progress=None) -> list[dict]:
+def latent_batches(pipe, pairs: list[CalibrationBatch], progress=None) -> list[dict]:
     """LatentRestorer inputs: LQ -> bicubic up -> DC-AE encode (full precision) -> z_L, with the default prompt."""
     batches = []
-    chunks = list(hq.split(batch_size))
-    for chunk in progress(chunks, desc="calibration latents") if progress else chunks:
-        lq = make_lq(chunk, pipe.config.upscale)
-        up = F.interpolate(lq, size=chunk.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-        latents = pipe.encode(up * 2 - 1)
-        embeds, mask = pipe.encode_prompt(None, chunk.shape[0])
-        batches.append(dict(latents=latents, prompt_embeds=embeds, prompt_mask=mask))
+    for pair in progress(pairs, desc="calibration latents") if progress else pairs:
+        up = bicubic_upsample(pair.lq, pair.hq.shape[2], pair.hq.shape[3])
+        embeds, mask = pipe.encode_prompt(None, pair.hq.shape[0])
+        batches.append(dict(latents=pipe.encode(up * 2 - 1), prompt_embeds=embeds, prompt_mask=mask))
     return batches
 
 
@@ -138,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from .build import load_pipeline
     from .quantized import save_quantized_pipeline
-    from .quickstart import bundled
 
     progress = partial(tqdm, disable=None, leave=False)
     overrides = {k: v for k, v in dict(steps=args.steps, routing_steps=args.routing_steps, lr=args.lr,
@@ -149,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed, **overrides)
         preset_kwargs = dict(text_encoder=args.keep_text_encoder) if args.model in PRESETS else {}
         pipe = load_pipeline(args.model, **preset_kwargs)
-        hq = calibration_crops(args.calib or [str(bundled("photos"))], args.calib_count, args.calib_size, args.seed)
+        pairs = calibration_batches(args.calib, args.calib_count, args.batch_size, args.calib_size,
+                                    pipe.config.upscale, args.seed)
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)
     start = time.time()
-    batches = calibration_batches(pipe, hq, args.batch_size, progress)
+    batches = latent_batches(pipe, pairs, progress)
     boundary = None if args.boundary_bits == "fp" else int(args.boundary_bits)
     restorer, result, reference = compress_pipeline(pipe, config, batches, fold=not args.no_fold_timestep,
                                                     boundary_wbits=boundary, progress=progress)
@@ -163,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         command="sana-sr compress " + " ".join(argv if argv is not None else sys.argv[1:]),
         model=str(args.model), config={k: v for k, v in dataclasses.asdict(config).items() if k != "trainer"},
         folded_timestep=not args.no_fold_timestep, boundary_bits=args.boundary_bits,
-        calibration=dict(images=args.calib or ["<bundled photos>"], crops=args.calib_count, size=args.calib_size),
+        calibration=dict(images=args.calib or ["<bundled training photos>"], crops=args.calib_count,
+                         size=args.calib_size, degradation="realesrgan"),
         reference=reference, seconds=round(time.time() - start, 1),
         losses={k: [round(v[0], 6), round(v[-1], 6)] if v else [] for k, v in result.losses.items()},
         plan=[dataclasses.asdict(d) for d in result.decisions],

@@ -63,22 +63,48 @@ def score_photos(pipe: SanaSRPipeline, photos: list[Path], crop: int, seed: int,
     return results
 
 
-def restore_photo_sets(model_dir: Path, out: Path, seed: int, train: list[Path], held_back: list[Path],
-                       real_lq: Path, crop: int) -> dict:
-    """Score the training and held-back photos, restore the real LQ photos; writes `out/psnr.json` last."""
-    pipe = SanaSRPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
+def write_center_crops(photos: list[Path], size: int, out: Path) -> None:
+    """The centre crops as PNG files, a GT folder for eval/realsr.py --div2k-gt; written atomically."""
     with atomic_directory(out) as tmp:
-        scores = {}
-        for name, photos in (("train", train), ("held_back", held_back)):
-            (tmp / name).mkdir()
-            scores[name] = score_photos(pipe, photos, crop, seed, tmp / name)
-        (tmp / "real_lq").mkdir()
-        for path in sorted(p for p in real_lq.iterdir() if p.suffix == ".png"):
-            lq = torch.from_numpy(load_image(path).rgb).permute(2, 0, 1)[None]
-            _save(tmp / "real_lq" / path.name, _array(pipe(lq)))
-        for name in ("train", "held_back"):
-            values = scores[name].values()
-            scores[f"{name}_mean"] = {k: float(np.mean([v[k] for v in values])) for k in next(iter(values))}
-        (tmp / "psnr.json").write_text(json.dumps(scores, indent=2) + "\n")
+        for path in photos:
+            _save(tmp / f"{path.stem}.png", center_crop(path, size)[0].permute(1, 2, 0).numpy())
+
+
+def _model_bytes(folder: Path) -> int:
+    """Bytes of the weights a deployment needs (the text encoder, when stored, is not counted)."""
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and p.suffix == ".safetensors" and "text_encoder" not in p.parts)
+
+
+def _means(scores: dict[str, dict]) -> dict[str, float]:
+    return {k: float(np.mean([v[k] for v in scores.values()])) for k in next(iter(scores.values()))}
+
+
+def score_variants(variants: dict[str, Path], out: Path, seed: int, train: list[Path], held_back: list[Path],
+                   real_lq: Path, crop: int) -> dict:
+    """Score each model folder and bicubic on the same LQ photos; restore the real LQ photos with the first model.
+
+    Writes out/VARIANT/{train,held_back}/ images, out/real_lq/ and out/scores.json (last, atomically):
+    {variant: {bytes, train: {photo: scores}, held_back: ..., train_mean, held_back_mean}}.
+    """
+    from .build import load_pipeline
+
+    scores: dict[str, dict] = {}
+    with atomic_directory(out) as tmp:
+        for index, (name, folder) in enumerate(variants.items()):
+            pipe = load_pipeline(folder)
+            pipe.set_progress_bar_config(disable=True)
+            entry: dict = {"bytes": _model_bytes(folder)}
+            for subset, photos in (("train", train), ("held_back", held_back)):
+                (tmp / name / subset).mkdir(parents=True)
+                entry[subset] = score_photos(pipe, photos, crop, seed, tmp / name / subset)
+                entry[f"{subset}_mean"] = _means(entry[subset])
+            scores[name] = entry
+            if index == 0:
+                (tmp / "real_lq").mkdir()
+                for path in sorted(p for p in real_lq.iterdir() if p.suffix == ".png"):
+                    lq = torch.from_numpy(load_image(path).rgb).permute(2, 0, 1)[None]
+                    with torch.no_grad():
+                        _save(tmp / "real_lq" / path.name, _array(pipe(lq)))
+        (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores

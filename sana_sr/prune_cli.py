@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("random", "meta", "pretrained"),
                    help="for a preset: default random for tiny, meta (shapes only) for the real sizes")
     p.add_argument("--calib", nargs="*", default=None, help="calibration images or folders (default: bundled photos)")
+    p.add_argument("--text-encoder", metavar="PRESET_OR_PATH",
+                   help="where to load Gemma-2 from when the model has none (a trained pipeline usually has none): "
+                        "a preset (tiny, sana-0.6b) or a folder / hub id with text_encoder/ and tokenizer/")
     p.add_argument("--pairs", type=int, default=16, help="calibration LQ/HQ pairs (default 16)")
     p.add_argument("--batch", type=int, default=4, help="pairs per calibration batch (default 4)")
     p.add_argument("--crop", type=int, default=128, help="HQ crop side in pixels (default 128)")
@@ -100,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             min_keep_fraction=args.min_keep,
         )
         batches = None
+        if importance == "taylor" and pipe.text_encoder is None:
+            if args.text_encoder is None:
+                raise ValueError(f"{args.model} has no text encoder to embed the calibration prompts: pass "
+                                 "--text-encoder (e.g. the preset it was trained from) or use --importance taylor-null")
+            from .build import load_text_encoder
+
+            encoder, tokenizer = load_text_encoder(args.text_encoder)
+            pipe.register_modules(text_encoder=encoder.to(pipe.device), tokenizer=tokenizer)
         if importance.startswith("taylor"):
             scale = pipe.config.upscale
             batches = calibration_batches(args.calib, args.pairs, args.batch, args.crop, scale, args.seed)

@@ -1,4 +1,4 @@
-"""The main job's report: loss curve, sample grid and the PSNR table, as Markdown with PNG figures."""
+"""The main job's report: loss curves, quality vs size, sample grids and tables, as Markdown with PNG figures."""
 
 from __future__ import annotations
 
@@ -11,67 +11,113 @@ from PIL import Image
 from .atomic import atomic_directory
 
 
-def loss_curve(metrics_file: Path, png: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*points), label=key.removeprefix("loss/"))
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per-term, unweighted)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    return plt
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def loss_curves(runs: dict[str, Path], png: Path) -> None:
+    """One panel per training run, one line per (unweighted) loss term."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.5), dpi=110, squeeze=False)
+    for ax, (title, run_dir) in zip(axes[0], runs.items()):
+        rows = _metrics(run_dir)
+        for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
+            ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), label=key.removeprefix("loss/"))
+        ax.set(yscale="log", xlabel="optimizer step", ylabel="loss", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
 
 
-def sample_grid(restore_dir: Path, png: Path) -> list[str]:
+def quality_vs_size(scores: dict, png: Path) -> None:
+    """Held-back PSNR-Y of every variant against its weight bytes; bicubic as a horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
+    for name, entry in scores.items():
+        mib, psnr = entry["bytes"] / 2**20, entry["held_back_mean"]["psnr_sr"]
+        ax.scatter(mib, psnr)
+        ax.annotate(name, (mib, psnr), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    bicubic = next(iter(scores.values()))["held_back_mean"]["psnr_bicubic"]
+    ax.axhline(bicubic, color="grey", linestyle="--", label=f"bicubic {bicubic:.2f} dB")
+    ax.set(xscale="log", xlabel="weights on disk (MiB)", ylabel="held-back PSNR-Y (dB)", title="quality vs size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def sample_grid(variant_dir: Path, png: Path) -> list[str]:
     """One row per scored photo: LQ (nearest) | bicubic | SR | HQ."""
     rows, names = [], []
     for subset in ("train", "held_back"):
-        for hq_path in sorted((restore_dir / subset).glob("*_hq.png")):
+        for hq_path in sorted((variant_dir / subset).glob("*_hq.png")):
             stem = hq_path.name.removesuffix("_hq.png")
             hq = Image.open(hq_path).convert("RGB")
-            lq = Image.open(restore_dir / subset / f"{stem}_lq.png").convert("RGB").resize(hq.size, Image.NEAREST)
-            parts = [lq, *(Image.open(restore_dir / subset / f"{stem}_{k}.png").convert("RGB") for k in ("bicubic", "sr")),
-                     hq]
-            rows.append(np.concatenate([np.asarray(p) for p in parts], axis=1))
+            lq = Image.open(variant_dir / subset / f"{stem}_lq.png").convert("RGB").resize(hq.size, Image.NEAREST)
+            sr = [Image.open(variant_dir / subset / f"{stem}_{k}.png").convert("RGB") for k in ("bicubic", "sr")]
+            rows.append(np.concatenate([np.asarray(p) for p in (lq, *sr, hq)], axis=1))
             names.append(f"{subset}/{stem}")
     Image.fromarray(np.concatenate(rows, axis=0)).save(png)
     return names
 
 
+def _loss_line(title: str, run_dir: Path, key: str) -> str:
+    rows = [r for r in _metrics(run_dir) if f"loss/{key}" in r]
+    first, last = rows[0], rows[-1]
+    return (f"- {title}: {key} {first[f'loss/{key}']:.4f} at step {first['step']} → {last[f'loss/{key}']:.4f} at "
+            f"step {last['step']} ({first[f'loss/{key}'] / last[f'loss/{key}']:.1f}× lower)")
+
+
 def write_report(run_dir: Path, out: Path) -> None:
-    scores = json.loads((run_dir / "restore" / "psnr.json").read_text())
+    scores = json.loads((run_dir / "restore" / "scores.json").read_text())
     replicas = json.loads((run_dir / "train" / "replicas.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    first, last = metrics[0], metrics[-1]
+    timings = json.loads((run_dir / "timings.json").read_text())
+    runs = {"LoRA training": run_dir / "train", "pruned fine-tune (distilled)": run_dir / "prune" / "finetune"}
+    identical = len({str(r["weights_checksum"]) for r in replicas["ranks"]}) == 1
     with atomic_directory(out) as tmp:
-        loss_curve(run_dir / "train" / "metrics.jsonl", tmp / "loss.png")
-        rows = sample_grid(run_dir / "restore", tmp / "samples.png")
+        loss_curves(runs, tmp / "loss.png")
+        quality_vs_size(scores, tmp / "quality_vs_size.png")
         lines = [
-            "# sana-sr quickstart report",
-            "",
-            f"Tiny SANA-SR trained for {last['step']} steps on {replicas['ranks'][0]['world_size']} processes "
-            f"(replica weights identical at the end: {len({str(r['weights_checksum']) for r in replicas['ranks']}) == 1}).",
-            f"Pixel loss {first.get('loss/pixel_l2', float('nan')):.4f} at step {first['step']} → "
-            f"{last.get('loss/pixel_l2', float('nan')):.4f} at step {last['step']}.",
-            "",
-            "| set | photo | PSNR-Y SR | PSNR-Y bicubic | SSIM-Y SR | SSIM-Y bicubic |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
+            "# sana-sr quickstart report", "",
+            f"Tiny SANA-SR: LoRA trained on {replicas['ranks'][0]['world_size']} processes (replica weights identical "
+            f"at the end: {identical}), pruned to half the DiT, fine-tuned with distillation, quantized to W4A4.", "",
+            _loss_line("LoRA training", runs["LoRA training"], "pixel_l2"),
+            _loss_line("pruned fine-tune", runs["pruned fine-tune (distilled)"], "distill"), "",
+            "![loss](loss.png)", "",
+            "## Quality vs size", "",
+            "Same LQ photos (Real-ESRGAN degradation, fixed seeds) for every variant; PSNR/SSIM on Y, border 4.", "",
+            "| variant | weights MiB | train PSNR | held-back PSNR | held-back SSIM | held-back bicubic PSNR |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for subset in ("train", "held_back"):
-            for name, s in {**scores[subset], "mean": scores[f"{subset}_mean"]}.items():
-                lines.append(f"| {subset} | {name} | {s['psnr_sr']:.2f} | {s['psnr_bicubic']:.2f} | "
-                             f"{s['ssim_sr']:.4f} | {s['ssim_bicubic']:.4f} |")
-        lines += ["", "![loss](loss.png)", "", f"Rows: {', '.join(rows)}; columns: LQ | bicubic | SR | HQ.", "",
-                  "![samples](samples.png)", "",
-                  f"Restored real low-quality photos: `{(run_dir / 'restore' / 'real_lq').resolve()}`.", ""]
+        for name, e in scores.items():
+            hb = e["held_back_mean"]
+            lines.append(f"| {name} | {e['bytes'] / 2**20:.3f} | {e['train_mean']['psnr_sr']:.2f} | {hb['psnr_sr']:.2f} "
+                         f"| {hb['ssim_sr']:.4f} | {hb['psnr_bicubic']:.2f} |")
+        lines += ["", "![quality vs size](quality_vs_size.png)", "", "## Evaluation (eval/realsr.py)", ""]
+        for summary_path in sorted((run_dir / "eval").glob("*/summary.json")):
+            summary = json.loads(summary_path.read_text())
+            values = ", ".join(f"{k} {v.get('mean', v.get('value')):.4g}" for k, v in summary["metrics"].items())
+            lines.append(f"- {summary_path.parent.name}: {values} ({summary['dataset']['images']} images, "
+                         f"world size {summary['run']['world_size']})")
+        for name in scores:
+            grid = f"samples_{name}.png"
+            rows = sample_grid(run_dir / "restore" / name, tmp / grid)
+            lines += ["", f"### Samples: {name}", "", f"Rows: {', '.join(rows)}; columns: LQ | bicubic | SR | HQ.", "",
+                      f"![{name}]({grid})"]
+        lines += ["", f"Real low-quality photos restored by the trained model: `{run_dir / 'restore' / 'real_lq'}`.",
+                  f"Hub-ready folder (dry run, nothing uploaded): `{run_dir / 'publish' / 'merged'}`.", "",
+                  "## Stage timings (s)", "", "| " + " | ".join(timings) + " |", "|" + " ---: |" * len(timings),
+                  "| " + " | ".join(str(v) for v in timings.values()) + " |", ""]
         (tmp / "report.md").write_text("\n".join(lines))

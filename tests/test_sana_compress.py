@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from compress import QuantizeConfig
-from sana_sr.compress_cli import calibration_batches, calibration_crops, compress_pipeline, main
+from sana_sr.calibration import calibration_batches
+from sana_sr.compress_cli import compress_pipeline, latent_batches, main
 from sana_sr.quant_sana import LatentRestorer, fold_timestep, install_matmul_sites
 from sana_sr.quantized import load_quantized_pipeline
 from tests.compress_nets import one_thread  # noqa: F401 (autouse fixture)
@@ -18,8 +19,8 @@ from tests.conftest import ASSETS
 
 @pytest.fixture(scope="module")
 def calib(tiny_pipe):
-    hq = calibration_crops([str(ASSETS / "photos")], count=4, size=32, seed=0)
-    return calibration_batches(tiny_pipe, hq, batch_size=2)
+    pairs = calibration_batches([ASSETS / "photos"], pairs=4, batch_size=2, crop=32, seed=0)
+    return latent_batches(tiny_pipe, pairs)
 
 
 def test_matmul_sites_and_folding_leave_the_model_unchanged(tiny_pipe, calib):
@@ -100,9 +101,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["tiny", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "000000.tar").write_bytes(b"")
-    assert main(["tiny", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "shards")]) == 2
-    assert "shards are not supported for calibration yet" in capsys.readouterr().err
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
+    assert main(["tiny", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "photos")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "skipping calibration image" in err[0] and "broken.png" in err[0]
+    assert err[-1].startswith("error: no calibration image of at least 128x128 pixels among 1")
     assert main(["tiny", "-o", str(tmp_path / "q"), "--wbits", "1"]) == 2
     assert "wbits must be in 2..8, got 1" in capsys.readouterr().err

@@ -30,7 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import Trainer
 
     try:
-        return Trainer(config).train()
+        try:
+            trainer = Trainer(config)
+        except (ValueError, OSError) as e:  # bad data, missing weights: one line per run, not a traceback per rank
+            import os
+
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            return 2
+        return trainer.train()
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -39,8 +39,15 @@ class ModelConfig:
     """Precision of the frozen DC-AE: `fp32` or `bf16` (SANA users report NaNs in fp16)."""
     gradient_checkpointing: bool = False
     """Recompute DiT block activations in the backward pass to save memory."""
+    finetune: str = "lora"
+    """What trains: `lora` (a fresh adapter on the frozen DiT) or `full` (every DiT weight: the recovery fine-tune
+    of a pruned DiT, whose pruned shapes a LoRA cannot change)."""
+    teacher: str | None = None
+    """An unpruned SanaSRPipeline folder to distil from (its LoRA merged): adds `loss.distill_*` terms."""
 
     def __post_init__(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"model.finetune must be 'lora' or 'full', got {self.finetune!r}")
         if self.weights not in ("pretrained", "random"):
             raise ValueError(f"model.weights must be 'pretrained' or 'random', got {self.weights!r}")
         if self.vae_dtype not in ("fp32", "bf16"):
@@ -82,6 +89,11 @@ class LossConfig:
     """Weight of the MSE between the LoRA DiT and the frozen DiT (detached) on noised z_hat."""
     prior_timesteps: tuple[int, int] = (70, 650)
     """Range of the timesteps t (sigma = t / 1000) at which the two regularisers noise the latents."""
+    distill_output: float = 1.0
+    """With `model.teacher`: weight of the MSE between the student's and the teacher's velocity at t*."""
+    distill_features: float = 0.1
+    """With `model.teacher`: weight of the block-feature MSE (each normalised by the teacher feature's power);
+    student block i is matched with the teacher block it was cut from."""
 
     def __post_init__(self) -> None:
         low, high = self.prior_timesteps
@@ -187,6 +199,12 @@ class TrainConfig:
         if self.data.degradation.scale != self.model.upscale:
             raise ValueError(
                 f"data.degradation.scale {self.data.degradation.scale} differs from model.upscale {self.model.upscale}"
+            )
+        regularisers = self.loss.prior_alignment + self.loss.adapter_consistency
+        if self.model.finetune == "full" and regularisers > 0:
+            raise ValueError(
+                f"loss.prior_alignment {self.loss.prior_alignment} and loss.adapter_consistency "
+                f"{self.loss.adapter_consistency} need the frozen DiT behind a LoRA: set them to 0 with model.finetune=full"
             )
         if self.data.crop % self.model.upscale:
             raise ValueError(f"data.crop {self.data.crop} is not a multiple of model.upscale {self.model.upscale}")

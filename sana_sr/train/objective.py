@@ -7,7 +7,9 @@
 - frozen-prior alignment: the DiT with its adapter disabled predicts velocities on noised z_hat and on noised z_H
   (same noise, sigma = t / 1000 with t uniform in `prior_timesteps`); per-channel Gaussians are fitted to both and
   KL(z_hat's || z_H's) is minimised, so the restored latent looks like a clean image to the frozen prior;
-- adapter consistency: MSE between the LoRA DiT and the frozen DiT (detached) on noised z_hat.
+- adapter consistency: MSE between the LoRA DiT and the frozen DiT (detached) on noised z_hat;
+- distillation (with a teacher: the unpruned DiT when fine-tuning a pruned one): MSE of the velocity at t* and of
+  the block features, student block i against the teacher block it was cut from (compress.pruning.distill).
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def gaussian_kl(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-
 class SRObjective:
     """Computes the weighted loss of one micro-batch; holds the frozen DC-AE and the one-step operating point."""
 
-    def __init__(self, pipe: SanaSRPipeline, config: LossConfig, lpips: torch.nn.Module | None = None):
+    def __init__(self, pipe: SanaSRPipeline, config: LossConfig, lpips: torch.nn.Module | None = None,
+                 teacher: torch.nn.Module | None = None):
         if config.lpips > 0 and lpips is None:
             raise ValueError("loss.lpips > 0 needs an LPIPS network (see sana_sr.train.perceptual.load_lpips)")
         self.pipe = pipe
         self.config = config
         self.lpips = lpips
+        self.teacher = teacher
         self.sigma = pipe.sigma
         self.timestep = pipe.timestep
 
@@ -68,11 +72,14 @@ class SRObjective:
         cfg = self.config
         with torch.no_grad():
             z_lq = self.pipe.encode(bicubic_upsample(lq, gt.shape[2], gt.shape[3]) * 2 - 1)
-        z_hat = one_step_restore(model, z_lq, prompt_embeds, prompt_mask, self.timestep, self.sigma)
+        terms: dict[str, torch.Tensor] = {}
+        if self.teacher is None:
+            z_hat = one_step_restore(model, z_lq, prompt_embeds, prompt_mask, self.timestep, self.sigma)
+        else:
+            z_hat, terms["distill"] = self.distilled_step(model, transformer, z_lq, prompt_embeds, prompt_mask)
         sr = self.pipe.decode(z_hat).float()
         target = gt * 2 - 1
 
-        terms: dict[str, torch.Tensor] = {}
         if cfg.pixel_l2 > 0:
             terms["pixel_l2"] = F.mse_loss(sr, target)
         if cfg.lpips > 0:
@@ -98,6 +105,21 @@ class SRObjective:
                 terms["adapter_consistency"] = F.mse_loss(adapted.float(), frozen_on_hat.detach().float())
 
         weights = {"pixel_l2": cfg.pixel_l2, "lpips": cfg.lpips, "prior_alignment": cfg.prior_alignment,
-                   "adapter_consistency": cfg.adapter_consistency}
+                   "adapter_consistency": cfg.adapter_consistency, "distill": 1.0}
         total = sum(weights[name] * value for name, value in terms.items())
         return total, terms, ((sr.detach() + 1) / 2).clamp(0, 1)
+
+    def distilled_step(self, model, transformer, z_lq, prompt_embeds, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's one step, and its weighted distillation loss against the teacher on the same input."""
+        from compress.pruning.distill import BlockFeatures, DistillWeights, distillation_loss, feature_pairs
+
+        t = torch.full((z_lq.shape[0],), self.timestep, device=z_lq.device)
+        with BlockFeatures(transformer) as student_features:
+            velocity = predict_velocity(model, z_lq, t, prompt_embeds, prompt_mask)
+        with torch.no_grad(), BlockFeatures(self.teacher) as teacher_features:
+            teacher_velocity = predict_velocity(self.teacher, z_lq, t, prompt_embeds, prompt_mask)
+        kept = getattr(transformer.config, "kept_blocks", None)
+        pairs = feature_pairs(kept, len(transformer.transformer_blocks))
+        loss, _ = distillation_loss(velocity, teacher_velocity, student_features.outputs, teacher_features.outputs,
+                                    pairs, DistillWeights(self.config.distill_output, self.config.distill_features))
+        return z_lq - self.sigma * velocity, loss

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from ..atomic import atomic_file
 from ..build import build_pipeline
-from ..lora import LoraSettings, add_lora, lora_state_dict, save_lora
+from ..lora import LoraSettings, add_lora, save_lora
 from ..pipeline import SanaSRPipeline
 from .checkpoint import keep_only_trainable, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig, to_dict, to_yaml
@@ -40,13 +40,21 @@ def load_model(config: TrainConfig) -> SanaSRPipeline:
     if not m.text_encoder and pipe.text_encoder is not None:
         pipe.drop_text_encoder()
     pipe.set_progress_bar_config(disable=True)
-    add_lora(pipe.transformer, LoraSettings(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets))
+    if m.finetune == "lora":
+        add_lora(pipe.transformer, LoraSettings(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets))
     for name, param in pipe.transformer.named_parameters():
-        param.requires_grad_(".lora_" in name)
+        param.requires_grad_(m.finetune == "full" or ".lora_" in name)
     if m.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     pipe.transformer.train()
     return pipe
+
+
+def load_teacher(path: str, device: torch.device) -> torch.nn.Module:
+    """The frozen DiT to distil from: a saved pipeline's transformer with its LoRA merged."""
+    teacher = SanaSRPipeline.from_pretrained(path)
+    teacher.merge_lora()
+    return teacher.transformer.to(device).eval().requires_grad_(False)
 
 
 @dataclass
@@ -89,7 +97,9 @@ class Trainer:
         set_seed(cfg.seed)  # same model init on every rank
 
         self.pipe = load_model(cfg)
-        self.pipe.vae.to(acc.device, torch.bfloat16 if cfg.model.vae_dtype == "bf16" else torch.float32)
+        self.pipe.vae.to(acc.device)
+        if cfg.model.vae_dtype == "bf16":
+            self.pipe.vae.to(torch.bfloat16)
         for part in (self.pipe.text_encoder, self.pipe.default_prompt):
             if part is not None:
                 part.to(acc.device)
@@ -115,7 +125,8 @@ class Trainer:
             from .perceptual import load_lpips
 
             lpips = load_lpips(acc.device)
-        self.objective = SRObjective(self.pipe, cfg.loss, lpips)
+        teacher = load_teacher(cfg.model.teacher, acc.device) if cfg.model.teacher else None
+        self.objective = SRObjective(self.pipe, cfg.loss, lpips, teacher)
         d = cfg.data
         loader_config = LoaderConfig(
             batch_size=cfg.optim.micro_batch_size, mode="resampled", num_workers=d.workers, crop_size=d.crop,
@@ -318,18 +329,22 @@ class Trainer:
         )
 
     def export_final(self) -> None:
-        """`final/lora` (last weights) and `final/lora_ema` (the EMA), plus a loadable pipeline with the EMA adapter."""
+        """`final/lora` (last weights) and `final/lora_ema` (the EMA) when training a LoRA, and `final/pipeline`
+        (loadable by SanaSRPipeline.from_pretrained) with the EMA weights."""
         acc = self.accelerator
         if not acc.is_main_process:
             return
         final = self.output_dir / "final"
-        save_lora(self.transformer, final / "lora")
+        lora = self.config.model.finetune == "lora"
+        if lora:
+            save_lora(self.transformer, final / "lora")
+        trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         if self.ema is not None:
-            trainable = [p for p in self.transformer.parameters() if p.requires_grad]
             self.ema.store(trainable)
             self.ema.copy_to(trainable)
-            save_lora(self.transformer, final / "lora_ema")
+            if lora:
+                save_lora(self.transformer, final / "lora_ema")
         self.pipe.save_pretrained(final / "pipeline")
         if self.ema is not None:
             self.ema.restore(trainable)
-        acc.print(f"final adapter and pipeline written to {final} ({len(lora_state_dict(self.transformer))} tensors)")
+        acc.print(f"final weights written to {final} ({len(trainable)} trained tensors)")
