@@ -53,9 +53,11 @@ def test_tiled_restoration_agrees_with_untiled():
     """Tiles smaller than the image, on the pretrained tiny base (a real, trained DC-AE and DiT).
 
     The only difference left is context: each tile's global linear attention (DiT and the DC-AE's EfficientViT
-    blocks) sees its tile, not the image. We require 35 dB between the two outputs: that is below what 8-bit
-    JPEG at quality 95 changes in a photo (about 40 dB), i.e. invisible, while a blending bug (a missing tile,
-    wrong weights, a seam) costs far more: the test below shows a hard cut with no overlap stays well under it.
+    blocks) sees its tile, not the image. Measured on this input (x86_64, torch 2.13 CPU): tiled vs untiled
+    56.9 dB; the untiled output re-encoded as JPEG q95 47.7 dB; a hard cut (64 px tiles, no overlap, no blending)
+    44.8 dB. We require 50 dB: closer than JPEG q95 changes the image (invisible), with 7 dB of margin for other
+    CPUs' float rounding, and a blending bug (a missing tile, wrong weights, a seam) lands near the hard cut, which
+    must stay at least 10 dB worse than the blended tiles.
     """
     pipe = build_pipeline("tiny", weights="pretrained")
     pipe.set_progress_bar_config(disable=True)
@@ -66,9 +68,9 @@ def test_tiled_restoration_agrees_with_untiled():
         return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
 
     tiled = pipe(lq, tiling=TileSettings(tile=192, overlap=64, ae_tile=128, ae_overlap=32))
-    assert psnr(tiled, untiled) > 35.0
+    assert psnr(tiled, untiled) > 50.0
     hard_cut = pipe(lq, tiling=TileSettings(tile=64, overlap=0, ae_tile=64, ae_overlap=0))
-    assert psnr(hard_cut, untiled) < psnr(tiled, untiled) - 3
+    assert psnr(hard_cut, untiled) < psnr(tiled, untiled) - 10
 
 
 def test_2048_output_has_bounded_peak_memory():
