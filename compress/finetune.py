@@ -11,6 +11,7 @@ Any function with the signature of `distill` can replace it (QuantizeConfig.trai
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -70,6 +71,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_gro
     student_tap, teacher_tap = FeatureTap(student, feature_modules), FeatureTap(teacher, feature_modules)
     cache: dict[int, tuple[torch.Tensor, dict]] = {}
     losses: list[float] = []
+    skipped = 0
     # The student stays in eval mode: dropout off and norm statistics frozen; gradients flow all the same.
     try:
         iterator = progress(range(steps), desc=desc) if progress else range(steps)
@@ -88,10 +90,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_gro
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
             schedule.step()
+            if not torch.isfinite(norm):  # one inf/NaN gradient would turn every bound into NaN: skip the step
+                skipped += 1
+                continue
+            optimizer.step()
             losses.append(float(loss.detach()))
             if progress and hasattr(iterator, "set_postfix"):
                 iterator.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
@@ -99,4 +103,6 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_gro
         student_tap.close()
         teacher_tap.close()
         optimizer.zero_grad(set_to_none=True)
+    if skipped:
+        warnings.warn(f"{desc}: {skipped} of {steps} steps had a non-finite gradient and were skipped")
     return losses

@@ -1,7 +1,7 @@
 """Restore fixed LQ versions of photos and score them against bicubic: the main job's quality check.
 
-Each photo is centre-cropped to a multiple of 4, degraded by the Real-ESRGAN model with a seed of its own
-(`degrade_images`: the same LQ every run), restored, and scored by PSNR/SSIM on the Y channel (border = scale),
+Each photo is centre-cropped to a multiple of 4, degraded by the Real-ESRGAN model (the x4plus values, or the
+setting a model was trained with) with a seed of its own (`degrade_images`: the same LQ every run), restored, and scored by PSNR/SSIM on the Y channel (border = scale),
 next to the bicubic upsampling of the same LQ. Images are written as PNG: lq, bicubic, sr, hq.
 """
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_directory
+from .data.degradation_config import DegradationConfig
 from .images import load_image
 from .metrics.fidelity import psnr_y, ssim_y, to_8bit_levels
 from .pipeline import SanaSRPipeline, bicubic_upsample
@@ -39,16 +40,21 @@ def _save(path: Path, image: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def score_photos(pipe: SanaSRPipeline, photos: list[Path], crop: int, seed: int, out: Path) -> dict[str, dict]:
-    """{name: {psnr_sr, psnr_bicubic, ssim_sr, ssim_bicubic}} for each photo; images written under `out`."""
+def score_photos(pipe: SanaSRPipeline, photos: list[Path], crop: int, seed: int, out: Path,
+                 degradation: DegradationConfig | None = None) -> dict[str, dict]:
+    """{name: {psnr_sr, psnr_bicubic, ssim_sr, ssim_bicubic}} for each photo; images written under `out`.
+
+    `degradation` defaults to the x4plus values at the pipeline's scale."""
     from .data.degradation import degrade_images
-    from .data.degradation_config import DegradationConfig
 
     scale = pipe.config.upscale
+    degradation = degradation or DegradationConfig(scale=scale)
+    if degradation.scale != scale:
+        raise ValueError(f"degradation scale {degradation.scale} differs from the model's {scale}")
     results = {}
     for path in photos:
         hq = center_crop(path, crop)
-        lq = degrade_images(hq, seed + zlib.crc32(path.name.encode()), DegradationConfig(scale=scale))
+        lq = degrade_images(hq, seed + zlib.crc32(path.name.encode()), degradation)
         sr = pipe(lq)
         bicubic = bicubic_upsample(lq, crop, crop)
         images = {"lq": _array(lq), "bicubic": _array(bicubic), "sr": _array(sr), "hq": _array(hq)}
@@ -81,7 +87,7 @@ def _means(scores: dict[str, dict]) -> dict[str, float]:
 
 
 def score_variants(variants: dict[str, Path], out: Path, seed: int, train: list[Path], held_back: list[Path],
-                   real_lq: Path, crop: int) -> dict:
+                   real_lq: Path, crop: int, degradation: DegradationConfig | None = None) -> dict:
     """Score each model folder and bicubic on the same LQ photos; restore the real LQ photos with the first model.
 
     Writes out/VARIANT/{train,held_back}/ images, out/real_lq/ and out/scores.json (last, atomically):
@@ -97,7 +103,7 @@ def score_variants(variants: dict[str, Path], out: Path, seed: int, train: list[
             entry: dict = {"bytes": _model_bytes(folder)}
             for subset, photos in (("train", train), ("held_back", held_back)):
                 (tmp / name / subset).mkdir(parents=True)
-                entry[subset] = score_photos(pipe, photos, crop, seed, tmp / name / subset)
+                entry[subset] = score_photos(pipe, photos, crop, seed, tmp / name / subset, degradation)
                 entry[f"{subset}_mean"] = _means(entry[subset])
             scores[name] = entry
             if index == 0:

@@ -273,12 +273,27 @@ class SanaSRPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, load_lora_adapter: bool = True, **kwargs):
         """Load a folder or hub repo written by `save_pretrained`; its `lora/` adapter is attached unless told not to."""
+        _import_component_modules(pretrained_model_name_or_path)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if load_lora_adapter:
             adapter = _find_lora(pretrained_model_name_or_path, kwargs)
             if adapter is not None:
                 load_lora(pipe.transformer, adapter)
         return pipe
+
+
+def _import_component_modules(name_or_path: str | os.PathLike) -> None:
+    """diffusers only loads classes from modules already imported: import this project's own component modules
+    that a local folder's model_index.json names (e.g. the pruned DiT, `compress.pruning.model`)."""
+    index = Path(name_or_path) / "model_index.json"
+    if not index.is_file():
+        return
+    import importlib
+    import json
+
+    for value in json.loads(index.read_text()).values():
+        if isinstance(value, list) and value and str(value[0]).split(".")[0] in ("sana_sr", "compress"):
+            importlib.import_module(value[0])
 
 
 def _find_lora(name_or_path: str | os.PathLike, kwargs: dict) -> Path | None:

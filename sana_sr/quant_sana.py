@@ -25,6 +25,17 @@ from compress import MatMul, SelectionRule
 from .pipeline import one_step_restore
 
 
+def safe_ratio(numerator: torch.Tensor, denominator: torch.Tensor, eps: float) -> torch.Tensor:
+    """numerator / (denominator + eps) as diffusers' linear attentions compute it, but 0 where denominator == 0.
+
+    There (a query whose every feature is 0 after ReLU and quantization) the full-precision numerator is exactly 0,
+    while a quantized, rotated one is rounding noise: noise / eps (1e-15 in the DiT) reaches 1e15 and its gradient
+    NaN. At full precision the two forms are equal (tested)."""
+    attended = denominator > 0
+    ratio = numerator / (torch.where(attended, denominator, torch.ones_like(denominator)) + eps)
+    return torch.where(attended, ratio, torch.zeros_like(ratio))
+
+
 # -- attention processors with matmul sites --------------------------------------------------------------------------
 class QuantLinearAttnProcessor:
     """diffusers' SanaLinearAttnProcessor2_0 (ReLU linear attention) with `attn.kv_matmul` and `attn.out_matmul`."""
@@ -43,7 +54,8 @@ class QuantLinearAttnProcessor:
         scores = attn.kv_matmul(value, key)                                                 # (B, h, d, d)
         numerator = attn.out_matmul(scores, query)                                         # (B, h, d, N)
         denominator = torch.matmul(key.sum(dim=2, keepdim=True), query)                    # (B, h, 1, N)
-        hidden_states = (numerator / (denominator + 1e-15)).flatten(1, 2).transpose(1, 2).to(original_dtype)
+        hidden_states = safe_ratio(numerator, denominator, 1e-15)
+        hidden_states = hidden_states.flatten(1, 2).transpose(1, 2).to(original_dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if original_dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
@@ -99,7 +111,7 @@ class QuantMultiscaleAttnProcessor:
         if use_linear:
             numerator = attn.out_matmul(attn.kv_matmul(value, key.transpose(-1, -2)), query)
             denominator = torch.matmul(key.sum(dim=-1, keepdim=True).transpose(-1, -2), query)
-            hidden_states = (numerator.float() / (denominator.float() + attn.eps)).to(original_dtype)
+            hidden_states = safe_ratio(numerator.float(), denominator.float(), attn.eps).to(original_dtype)
         else:
             hidden_states = attn.apply_quadratic_attention(query, key, value)
         hidden_states = torch.reshape(hidden_states, (batch_size, -1, height, width))

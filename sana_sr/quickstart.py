@@ -151,10 +151,14 @@ def stage_evaluate(run: Run) -> None:
 
 def stage_restore(run: Run) -> None:
     from .photo_eval import score_variants
+    from .train.config import load_config
 
+    # LQ made by the degradation the model was trained with (the main job's is lighter than x4plus).
+    degradation = load_config(run.path("train", "config.yaml")).data.degradation
     score_variants(run.variants(), run.path("restore"), seed=run.seed,
                    train=[bundled("photos") / n for n in TRAIN_PHOTOS],
-                   held_back=[bundled("photos") / n for n in HELD_BACK], real_lq=bundled("real_lq"), crop=EVAL_CROP)
+                   held_back=[bundled("photos") / n for n in HELD_BACK], real_lq=bundled("real_lq"), crop=EVAL_CROP,
+                   degradation=degradation)
 
 
 def stage_cost(run: Run) -> None:
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="processes for training and evaluation (gloo)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of the LoRA training")
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of the pruned model's fine-tune")
-    parser.add_argument("--compress-steps", type=int, default=100, help="quantization fine-tune steps per method")
+    parser.add_argument("--compress-steps", type=int, default=60, help="quantization fine-tune steps per method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete the run folder first")
     parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",

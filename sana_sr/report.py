@@ -76,8 +76,14 @@ def sample_grid(variant_dir: Path, png: Path) -> list[str]:
 def _loss_line(title: str, run_dir: Path, key: str) -> str:
     rows = [r for r in _metrics(run_dir) if f"loss/{key}" in r]
     first, last = rows[0], rows[-1]
-    return (f"- {title}: {key} {first[f'loss/{key}']:.4f} at step {first['step']} → {last[f'loss/{key}']:.4f} at "
-            f"step {last['step']} ({first[f'loss/{key}'] / last[f'loss/{key}']:.1f}× lower)")
+    line = (f"- {title}: {key} {first[f'loss/{key}']:.4f} at step {first['step']} → {last[f'loss/{key}']:.4f} at "
+            f"step {last['step']}")
+    if key == "pixel_l2" and "loss/bicubic_l2" in first:  # each batch's difficulty differs: compare with bicubic
+        ratios = [r["loss/pixel_l2"] / r["loss/bicubic_l2"] for r in rows]
+        head, tail = ratios[: max(1, len(ratios) // 5)], ratios[-max(1, len(ratios) // 5):]
+        line += (f"; relative to bicubic on the same batches {sum(head) / len(head):.3f} (first fifth) → "
+                 f"{sum(tail) / len(tail):.3f} (last fifth)")
+    return line
 
 
 def write_report(run_dir: Path, out: Path) -> None:

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from ..atomic import atomic_file
-from ..lora import save_lora
+from ..lora import has_lora, save_lora
 
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 
@@ -84,7 +84,8 @@ def save_checkpoint(
     torch.save(rank_state, tmp / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora(transformer, tmp / "lora")
+        if has_lora(transformer):  # a full fine-tune's weights are in Accelerate's state only
+            save_lora(transformer, tmp / "lora")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)

@@ -82,6 +82,8 @@ class SRObjective:
 
         if cfg.pixel_l2 > 0:
             terms["pixel_l2"] = F.mse_loss(sr, target)
+            with torch.no_grad():  # the same batch's bicubic error: progress is pixel_l2 / bicubic_l2, not pixel_l2
+                terms["bicubic_l2"] = F.mse_loss(bicubic_upsample(lq, *gt.shape[2:]) * 2 - 1, target)
         if cfg.lpips > 0:
             terms["lpips"] = self.lpips(sr.clamp(-1, 1), target).mean()
         if cfg.prior_alignment > 0 or cfg.adapter_consistency > 0:
@@ -106,7 +108,7 @@ class SRObjective:
 
         weights = {"pixel_l2": cfg.pixel_l2, "lpips": cfg.lpips, "prior_alignment": cfg.prior_alignment,
                    "adapter_consistency": cfg.adapter_consistency, "distill": 1.0}
-        total = sum(weights[name] * value for name, value in terms.items())
+        total = sum(weights[name] * value for name, value in terms.items() if name in weights)
         return total, terms, ((sr.detach() + 1) / 2).clamp(0, 1)
 
     def distilled_step(self, model, transformer, z_lq, prompt_embeds, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from .config import TrainConfig, to_dict, to_yaml
 from .distributed import build_accelerator
 from .objective import SRObjective
 from .tracking import REQUEUE_EXIT_CODE, MetricsLog, StopRequest, sample_grid, save_samples, tracker_names
+
+
+# Depthwise-conv weight grads come out channels-last on CPU; DDP copies them into its bucket (correct, just a copy).
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 def load_model(config: TrainConfig) -> SanaSRPipeline:
