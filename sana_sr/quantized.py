@@ -75,7 +75,11 @@ def load_quantized_pipeline(path: str | os.PathLike, device: str | torch.device 
                                 "write one with `sana-sr compress`")
     config = json.loads((path / "model_index.json").read_text())
     layout_meta = json.loads((path / QUANTIZED_DIR / "layout.json").read_text()).get("metadata", {})
-    transformer = SanaTransformer2DModel.from_config(SanaTransformer2DModel.load_config(path / "transformer"))
+    transformer_config = SanaTransformer2DModel.load_config(path / "transformer")
+    transformer_class = SanaTransformer2DModel
+    if transformer_config.get("_class_name") == "PrunedSanaTransformer2DModel":  # its config holds the pruned widths
+        from compress.pruning.model import PrunedSanaTransformer2DModel as transformer_class
+    transformer = transformer_class.from_config(transformer_config)
     vae = AutoencoderDC.from_config(AutoencoderDC.load_config(path / "vae"))
     encoder_state = safetensors.torch.load_file(str(path / "vae" / "encoder.safetensors"))
     vae.encoder.load_state_dict({k: v.float() for k, v in encoder_state.items()}, strict=True)

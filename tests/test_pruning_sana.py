@@ -169,3 +169,21 @@ def test_calibration_pairs_are_seeded_real_crops_with_prompts():
     assert float(a[0].lq.min()) >= 0 and float(a[0].lq.max()) <= 1
     with pytest.raises(ValueError, match="multiple of the scale"):
         calibration_batches(crop=30)
+
+
+def test_a_pruned_pipeline_compresses_and_reloads(pipe, tmp_path):
+    """prune -> compress -> load_pipeline: the packed loader rebuilds the pruned widths, not the preset's."""
+    from sana_sr.build import load_pipeline
+    from sana_sr.compress_cli import main as compress_main
+
+    pipe.save_pretrained(tmp_path / "base")
+    assert prune_main([str(tmp_path / "base"), "--out", str(tmp_path / "pruned"), "--target-params", "0.5",
+                       "--importance", "magnitude"]) == 0
+    assert compress_main([str(tmp_path / "pruned"), "-o", str(tmp_path / "q"), "--method", "compsrt",
+                          "--calib-count", "2", "--calib-size", "64", "--batch-size", "2", "--steps", "2"]) == 0
+    first, second = load_pipeline(tmp_path / "q"), load_pipeline(tmp_path / "q")
+    assert type(first.transformer).__name__ == "PrunedSanaTransformer2DModel"
+    lq = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = first(lq)
+        assert torch.isfinite(out).all() and torch.equal(out, second(lq))
