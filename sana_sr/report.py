@@ -104,13 +104,13 @@ def write_report(run_dir: Path, out: Path) -> None:
             "![loss](loss.png)", "",
             "## Quality vs size", "",
             "Same LQ photos (Real-ESRGAN degradation, fixed seeds) for every variant; PSNR/SSIM on Y, border 4.", "",
-            "| variant | weights MiB | train PSNR | held-back PSNR | held-back SSIM | held-back bicubic PSNR |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | weights MiB | train PSNR (bicubic) | held-back PSNR (bicubic) | held-back SSIM (bicubic) |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
         for name, e in scores.items():
-            hb = e["held_back_mean"]
-            lines.append(f"| {name} | {e['bytes'] / 2**20:.3f} | {e['train_mean']['psnr_sr']:.2f} | {hb['psnr_sr']:.2f} "
-                         f"| {hb['ssim_sr']:.4f} | {hb['psnr_bicubic']:.2f} |")
+            tr, hb = e["train_mean"], e["held_back_mean"]
+            lines.append(f"| {name} | {e['bytes'] / 2**20:.3f} | {tr['psnr_sr']:.2f} ({tr['psnr_bicubic']:.2f}) | "
+                         f"{hb['psnr_sr']:.2f} ({hb['psnr_bicubic']:.2f}) | {hb['ssim_sr']:.4f} ({hb['ssim_bicubic']:.4f}) |")
         lines += ["", "![quality vs size](quality_vs_size.png)", "", "## Evaluation (eval/realsr.py)", ""]
         for summary_path in sorted((run_dir / "eval").glob("*/summary.json")):
             summary = json.loads(summary_path.read_text())
