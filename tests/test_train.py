@@ -53,18 +53,24 @@ def test_resume_after_sigterm_is_bitwise(shards, tmp_path):
 
 
 def test_deepspeed_zero2_on_two_processes_learns_and_resumes(shards, tmp_path):
-    # Random weights: an untrained DiT's loss is far above what its LoRA can reach, so 12 steps show the optimizer
-    # working under ZeRO-2 (on the trained base the per-batch noise of the pixel loss would hide 12 steps of gain).
-    args = [*TINY_ARGS, "model.weights=random", f"data.shards={shards}", "dist.strategy=deepspeed", "optim.max_steps=12",
-            "optim.global_batch_size=4", "checkpoint.every_steps=6", "checkpoint.keep_last=5"]
-    first = run([*accelerate_launch(2, free_ports(1)[0]), f"output_dir={tmp_path / 'a'}", *args], cwd=REPO)
+    """The main job's config (light degradation, LoRA r16) under ZeRO-2 on two CPU processes.
+
+    Each batch's difficulty varies more than 60 steps improve the pixel loss, so learning is read from the loss
+    relative to bicubic's on the same batch (logged as loss/bicubic_l2): in the main job it falls from 0.99 over
+    the first 10 steps to 0.94 by step 50.
+    """
+    args = [str(REPO / "sana_sr" / "configs" / "tiny.yaml"), f"data.shards={shards}", "dist.strategy=deepspeed",
+            "optim.max_steps=60", "checkpoint.every_steps=30", "checkpoint.keep_last=5", "checkpoint.resume=null",
+            "log.every_steps=1", "log.samples_every_steps=0"]
+    first = run([*accelerate_launch(2, free_ports(1)[0]), *args, f"output_dir={tmp_path / 'a'}"], cwd=REPO)
     assert "world 2 (DistributedType.DEEPSPEED)" in first.stdout
-    losses = [m["loss/loss"] for m in metrics(tmp_path / "a")]
-    assert len(losses) == 12
-    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    rows = metrics(tmp_path / "a")
+    assert len(rows) == 60
+    ratio = [m["loss/pixel_l2"] / m["loss/bicubic_l2"] for m in rows]
+    assert np.mean(ratio[-10:]) < np.mean(ratio[:10]) - 0.02, ratio
 
     # Resume from the middle checkpoint in a fresh folder: the second half must be replayed exactly.
-    second = run([*accelerate_launch(2, free_ports(1)[0]), f"output_dir={tmp_path / 'b'}", *args,
-                  f"checkpoint.resume={tmp_path / 'a' / 'checkpoint-00000006'}"], cwd=REPO)
-    assert "resumed from" in second.stdout and "at step 6" in second.stdout
+    second = run([*accelerate_launch(2, free_ports(1)[0]), *args, f"output_dir={tmp_path / 'b'}",
+                  f"checkpoint.resume={tmp_path / 'a' / 'checkpoint-00000030'}"], cwd=REPO)
+    assert "resumed from" in second.stdout and "at step 30" in second.stdout
     _assert_same_weights(final_lora(tmp_path / "a"), final_lora(tmp_path / "b"))

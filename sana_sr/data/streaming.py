@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -231,6 +232,12 @@ class _ShardStream(IterableDataset):
                 raise RuntimeError(f"{barren} shards in a row gave no sample (last: {url}): are the shards readable?")
 
 
+def _ignore_termination(worker_id: int) -> None:
+    """Slurm signals every process of a job step: a worker that died of SIGTERM would make the trainer raise
+    before it can checkpoint. The trainer owns shutdown; its workers end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StreamingLoader:
     """Iterable of batches with a length; not a torch DataLoader, so `accelerator.prepare` leaves it alone (which
     is right: each rank already reads its own data)."""
@@ -244,7 +251,8 @@ class StreamingLoader:
         self._next_epoch = 0
         kwargs: dict = {"batch_size": None, "num_workers": c.num_workers}  # pinning is done after the float cast
         if c.num_workers > 0:
-            kwargs.update(prefetch_factor=c.prefetch_factor, persistent_workers=False)
+            kwargs.update(prefetch_factor=c.prefetch_factor, persistent_workers=False,
+                          worker_init_fn=_ignore_termination)
         self.loader = wds.WebLoader(dataset, **kwargs)
         if c.mode == "resampled":
             self.loader = self.loader.with_epoch(len(self))

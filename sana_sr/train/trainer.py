@@ -155,17 +155,22 @@ class Trainer:
             self.generator.set_state(rank_state["generator"])
             self.data_digest, self.samples_local = rank_state["data_digest"], rank_state["samples"]
             self.degradation.load_state_dict(rank_state["degradation"])
-            acc.print(f"resumed from {resume} at step {self.state['step']}")
+            self.print(f"resumed from {resume} at step {self.state['step']}")
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with atomic_file(self.output_dir / "config.yaml") as f:
                 f.write_text(to_yaml(cfg))
         acc.init_trackers(cfg.log.project, config=to_dict(cfg))
-        acc.print(
+        self.print(
             f"world {acc.num_processes} ({acc.distributed_type}), global batch {cfg.optim.global_batch_size} = "
             f"micro {cfg.optim.micro_batch_size} x accumulation {self.accumulation} x world {acc.num_processes}, "
             f"{sum(p.numel() for p in trainable)} trainable parameters"
         )
+
+    def print(self, message: str) -> None:
+        """Once per run: Accelerator.print prints on every node's local rank 0."""
+        if self.accelerator.is_main_process:
+            print(message, flush=True)
 
     # -- one micro-batch ------------------------------------------------------------------------------------
     def prompts(self, batch: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +236,7 @@ class Trainer:
             window.add(values, ok)
             if not ok:
                 self.state["nonfinite_steps"] += 1
-                acc.print(f"non-finite loss at step {self.state['step']}: micro-step skipped "
+                self.print(f"non-finite loss at step {self.state['step']}: micro-step skipped "
                           f"({self.state['nonfinite_steps']} so far)")
                 if self.state["nonfinite_steps"] > cfg.optim.max_nonfinite_steps:
                     raise FloatingPointError(
@@ -288,12 +293,12 @@ class Trainer:
             "nonfinite_steps": self.state["nonfinite_steps"],
         }
         self.metrics.log(metrics, self.state["step"])
-        acc.print(f"step {self.state['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.print(f"step {self.state['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def request_requeue(self) -> None:
         """Leave the marker the Slurm script turns into `scontrol requeue` (exit codes do not survive launchers)."""
         marker = os.environ.get("SANA_SR_REQUEUE_FILE")
-        self.accelerator.print(f"stop signal: saved step {self.state['step']}, exiting for requeue")
+        self.print(f"stop signal: saved step {self.state['step']}, exiting for requeue")
         if marker and self.accelerator.is_main_process:
             with atomic_file(marker) as tmp:
                 tmp.write_text(f"{self.state['step']}\n")
@@ -352,4 +357,4 @@ class Trainer:
         self.pipe.save_pretrained(final / "pipeline")
         if self.ema is not None:
             self.ema.restore(trainable)
-        acc.print(f"final weights written to {final} ({len(trainable)} trained tensors)")
+        self.print(f"final weights written to {final} ({len(trainable)} trained tensors)")
