@@ -1,7 +1,8 @@
 """Restore fixed LQ versions of photos and score them against bicubic: the main job's quality check.
 
 Each photo is centre-cropped to a multiple of 4, degraded by the Real-ESRGAN model (the x4plus values, or the
-setting a model was trained with) with a seed of its own (`degrade_images`: the same LQ every run), restored, and scored by PSNR/SSIM on the Y channel (border = scale),
+setting a model was trained with) with a seed of its own (`degrade_images`: the same LQ every run), restored,
+and scored by PSNR/SSIM on the Y channel (border = scale),
 next to the bicubic upsampling of the same LQ. Images are written as PNG: lq, bicubic, sr, hq.
 """
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.pruning import (
-    STRUCTURES, Cost, CostModel, Scores, apply_plan, greedy_plan, load_pruned_transformer, model_widths, score,
+    STRUCTURES, CostModel, Scores, apply_plan, greedy_plan, load_pruned_transformer, model_widths, score,
     skeleton, uniform_plan,
 )
 

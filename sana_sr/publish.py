@@ -194,7 +194,9 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload SANA-SR (sana-sr publish)")
     except Exception as e:  # connection, auth, validation: one line, the token never in it
         message = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")
-        raise PublishError(f"upload to {repo_id} failed, nothing was committed: {type(e).__name__}: {message}") from None
+        raise PublishError(
+            f"upload to {repo_id} failed, nothing was committed: {type(e).__name__}: {message}"
+        ) from None
     return str(info.commit_url)
 
 

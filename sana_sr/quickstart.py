@@ -96,7 +96,8 @@ def stage_shards(run: Run) -> None:
         for name in TRAIN_PHOTOS:
             shutil.copy(bundled("photos") / name, tmp / name)
     # One photo per shard: each of the ranks x workers readers needs a shard of its own.
-    call(cli(["shards", str(run.path("photos")), "-o", str(run.path("shards")), "--max-count", "1", "--min-size", "128", "--no-progress",
+    call(cli(["shards", str(run.path("photos")), "-o", str(run.path("shards")), "--max-count", "1",
+              "--min-size", "128", "--no-progress",
               "--seed", str(run.seed)]), "sana-sr shards")
 
 
@@ -114,7 +115,8 @@ def stage_prune(run: Run) -> None:
     trained = run.path("train", "final", "pipeline")
     if not (run.path("prune", "pruned") / "model_index.json").is_file():
         call(cli(["prune", str(trained), "--out", str(run.path("prune", "pruned")), "--target-params", "0.5",
-                  "--importance", "taylor", "--text-encoder", "tiny", "--calib", str(run.path("photos")), "--seed", str(run.seed)]),
+                  "--importance", "taylor", "--text-encoder", "tiny", "--calib", str(run.path("photos")),
+                  "--seed", str(run.seed)]),
              "sana-sr prune")
     # The recovery fine-tune: every weight of the pruned DiT, distilled from the trained one (output and blocks).
     train(run, run.path("prune", "finetune"), run.finetune_steps, f"model.path={run.path('prune', 'pruned')}",

@@ -110,7 +110,8 @@ def write_report(run_dir: Path, out: Path) -> None:
         for name, e in scores.items():
             tr, hb = e["train_mean"], e["held_back_mean"]
             lines.append(f"| {name} | {e['bytes'] / 2**20:.3f} | {tr['psnr_sr']:.2f} ({tr['psnr_bicubic']:.2f}) | "
-                         f"{hb['psnr_sr']:.2f} ({hb['psnr_bicubic']:.2f}) | {hb['ssim_sr']:.4f} ({hb['ssim_bicubic']:.4f}) |")
+                         f"{hb['psnr_sr']:.2f} ({hb['psnr_bicubic']:.2f}) | "
+                         f"{hb['ssim_sr']:.4f} ({hb['ssim_bicubic']:.4f}) |")
         lines += ["", "![quality vs size](quality_vs_size.png)", "", "## Evaluation (eval/realsr.py)", ""]
         for summary_path in sorted((run_dir / "eval").glob("*/summary.json")):
             summary = json.loads(summary_path.read_text())

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_directory
-from .presets import TINY_BASE, get_preset
+from .presets import TINY_BASE
 
 TRAIN_PHOTOS = {
     "astronaut.png": "a photo of an astronaut, portrait, person, face",

@@ -13,7 +13,6 @@ from diffusers import AutoencoderDC, SanaTransformer2DModel
 from sana_sr import LoraSettings, SanaSRPipeline, build_pipeline, get_preset
 from sana_sr.lora import LORA_WEIGHT_NAME, load_lora
 
-from .conftest import randomize_lora
 
 
 def _params(module: torch.nn.Module) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.transformers.sana_transformer import GLUMBConv, SanaTransformerBlock
 from torch import nn
 

@@ -9,7 +9,6 @@ The degradation is `sana_sr.data.degradation.degrade_images` (Real-ESRGAN x4plus
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import zlib
 from pathlib import Path

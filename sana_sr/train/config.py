@@ -204,7 +204,8 @@ class TrainConfig:
         if self.model.finetune == "full" and regularisers > 0:
             raise ValueError(
                 f"loss.prior_alignment {self.loss.prior_alignment} and loss.adapter_consistency "
-                f"{self.loss.adapter_consistency} need the frozen DiT behind a LoRA: set them to 0 with model.finetune=full"
+                f"{self.loss.adapter_consistency} need the frozen DiT behind a LoRA: set them to 0 with "
+                "model.finetune=full"
             )
         if self.data.crop % self.model.upscale:
             raise ValueError(f"data.crop {self.data.crop} is not a multiple of model.upscale {self.model.upscale}")
