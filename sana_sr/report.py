@@ -34,7 +34,13 @@ def loss_curves(runs: dict[str, Path], png: Path) -> None:
             ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), label=key.removeprefix("loss/"))
         ax.set(yscale="log", xlabel="optimizer step", ylabel="loss", title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+        if all("loss/pixel_l2" in r and "loss/bicubic_l2" in r for r in rows):  # progress net of batch difficulty
+            ratio = ax.twinx()
+            ratio.plot([r["step"] for r in rows], [r["loss/pixel_l2"] / r["loss/bicubic_l2"] for r in rows],
+                       color="black", linestyle=":", label="pixel_l2 / bicubic_l2 (right)")
+            ratio.set_ylabel("pixel_l2 / bicubic_l2")
+            ratio.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
