@@ -23,7 +23,6 @@ from compress import METHODS, QuantizeConfig, fp16_reference_bytes, quantize
 from compress.methods import snap_floats
 
 from .calibration import CalibrationBatch, calibration_batches
-from .pipeline import bicubic_upsample
 from .presets import PRESETS
 from .quant_sana import LatentRestorer, fold_timestep, install_matmul_sites, sana_rule
 
@@ -56,15 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- calibration data ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def latent_batches(pipe, pairs: list[CalibrationBatch], progress=None) -> list[dict]:
-    """LatentRestorer inputs: LQ -> bicubic up -> DC-AE encode (full precision) -> z_L, with the default prompt."""
-    batches = []
-    for pair in progress(pairs, desc="calibration latents") if progress else pairs:
-        up = bicubic_upsample(pair.lq, pair.hq.shape[2], pair.hq.shape[3])
-        embeds, mask = pipe.encode_prompt(None, pair.hq.shape[0])
-        batches.append(dict(latents=pipe.encode(up * 2 - 1), prompt_embeds=embeds, prompt_mask=mask))
-    return batches
+def latent_batches(pipe, pairs: list[CalibrationBatch]) -> list[dict]:
+    """LatentRestorer inputs: LQ -> bicubic up -> DC-AE encode (full precision) -> z_L, with the stored prompt."""
+    from .pruning import prepare_batches
+
+    return [dict(latents=b.latents, prompt_embeds=b.embeds, prompt_mask=b.mask)
+            for b in prepare_batches(pipe, pairs, stored_prompt=True)]
 
 
 # -- the command -----------------------------------------------------------------------------------------------------
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pipe.set_progress_bar_config(disable=True)
     start = time.time()
-    batches = latent_batches(pipe, pairs, progress)
+    batches = latent_batches(pipe, pairs)
     boundary = None if args.boundary_bits == "fp" else int(args.boundary_bits)
     restorer, result, reference = compress_pipeline(pipe, config, batches, fold=not args.no_fold_timestep,
                                                     boundary_wbits=boundary, progress=progress)

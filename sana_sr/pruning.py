@@ -94,9 +94,12 @@ class PreparedBatch:
 
 
 @torch.no_grad()
-def prepare_batches(pipe: SanaSRPipeline, batches: Sequence[CalibrationBatch], null_prompt: bool = False
-                    ) -> list[PreparedBatch]:
-    """Encode LQ (bicubic-upsampled, as in inference) and prompts once; the HQ becomes the target."""
+def prepare_batches(pipe: SanaSRPipeline, batches: Sequence[CalibrationBatch], null_prompt: bool = False,
+                    stored_prompt: bool = False) -> list[PreparedBatch]:
+    """Encode LQ (bicubic-upsampled, as in inference) and prompts once; the HQ becomes the target.
+
+    Prompts: the batch's (embeddings, else its texts through the text encoder); with `null_prompt` the empty
+    prompt; with `stored_prompt` the pipeline's stored default prompt, what inference uses without a prompt."""
     prepared = []
     device = pipe.vae.device
     for batch in batches:
@@ -104,6 +107,8 @@ def prepare_batches(pipe: SanaSRPipeline, batches: Sequence[CalibrationBatch], n
         latents = pipe.encode(bicubic_upsample(batch.lq.to(device), h, w) * 2 - 1)
         if null_prompt:
             embeds, mask = _null_prompt(pipe, b)
+        elif stored_prompt:
+            embeds, mask = pipe.encode_prompt(None, b)
         elif batch.prompt_embeds is not None:
             embeds = batch.prompt_embeds.to(device)
             mask = (batch.prompt_mask.to(device) if batch.prompt_mask is not None

@@ -71,7 +71,8 @@ class SRObjective:
         """
         cfg = self.config
         with torch.no_grad():
-            z_lq = self.pipe.encode(bicubic_upsample(lq, gt.shape[2], gt.shape[3]) * 2 - 1)
+            upsampled = bicubic_upsample(lq, gt.shape[2], gt.shape[3]) * 2 - 1
+            z_lq = self.pipe.encode(upsampled)
         terms: dict[str, torch.Tensor] = {}
         if self.teacher is None:
             z_hat = one_step_restore(model, z_lq, prompt_embeds, prompt_mask, self.timestep, self.sigma)
@@ -83,7 +84,7 @@ class SRObjective:
         if cfg.pixel_l2 > 0:
             terms["pixel_l2"] = F.mse_loss(sr, target)
             with torch.no_grad():  # the same batch's bicubic error: progress is pixel_l2 / bicubic_l2, not pixel_l2
-                terms["bicubic_l2"] = F.mse_loss(bicubic_upsample(lq, *gt.shape[2:]) * 2 - 1, target)
+                terms["bicubic_l2"] = F.mse_loss(upsampled, target)
         if cfg.lpips > 0:
             terms["lpips"] = self.lpips(sr.clamp(-1, 1), target).mean()
         if cfg.prior_alignment > 0 or cfg.adapter_consistency > 0:
