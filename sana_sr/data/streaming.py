@@ -32,6 +32,7 @@ RANK/WORLD_SIZE environment (as webdataset reads them), else torch.distributed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -234,8 +235,10 @@ class _ShardStream(IterableDataset):
 
 def _ignore_termination(worker_id: int) -> None:
     """Slurm signals every process of a job step: a worker that died of SIGTERM would make the trainer raise
-    before it can checkpoint. The trainer owns shutdown; its workers end with it."""
+    before it can checkpoint. The trainer owns shutdown; its workers end with it. Workers start with SIGTERM
+    blocked (StreamingLoader.__iter__), so one arriving before this runs is ignored too, not fatal."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 class StreamingLoader:
@@ -283,7 +286,15 @@ class StreamingLoader:
         self.dataset.epoch = self._next_epoch
         self._next_epoch += 1
         count = 0
-        for batch in self.loader:
+        batches = iter(self.loader)
+        # Workers are forked by the first fetch; SIGTERM stays blocked until each has ignored it
+        # (_ignore_termination). A signal for this process meanwhile is delivered when the mask is restored.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            first = next(batches, None)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for batch in [] if first is None else itertools.chain([first], batches):
             yield self._finish(batch)
             count += 1
         if self.config.mode == "exact" and self.sizes is not None:
