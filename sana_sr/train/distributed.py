@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .config import DistConfig
 
@@ -29,7 +29,8 @@ def mixed_precision(dist: DistConfig, on_cpu: bool) -> str:
 
 
 def build_accelerator(
-    dist: DistConfig, accumulation: int, micro_batch: int, grad_clip: float, log_with: list[str] | None = None
+    dist: DistConfig, accumulation: int, micro_batch: int, grad_clip: float, log_with: list[str] | None = None,
+    ddp_kwargs: dict | None = None,
 ) -> Accelerator:
     on_cpu = dist.cpu or not torch.cuda.is_available()
     common = dict(
@@ -49,7 +50,8 @@ def build_accelerator(
         handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
         accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **common)
     else:
-        accelerator = Accelerator(cpu=on_cpu, **common)
+        handlers = [DistributedDataParallelKwargs(**ddp_kwargs)] if ddp_kwargs else []
+        accelerator = Accelerator(cpu=on_cpu, kwargs_handlers=handlers, **common)
     verify_world(accelerator)
     return accelerator
 

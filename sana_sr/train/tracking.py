@@ -73,11 +73,15 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+
+    def close(self) -> None:
+        """Give the signals back to the handlers from before (a loop inside a longer command, e.g. compress)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank when any rank got the signal (ranks must stop at the same step)."""
