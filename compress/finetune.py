@@ -1,11 +1,12 @@
 """A small distillation loop: the quantized student learns to match its full-precision teacher.
 
 Loss (SPR²Q Eq. 4–6; 2DQuant's calibration uses the same shape): L = ‖f_q(x) − f_FP(x)‖₁ + λ · Σ_l MSE(φ_l^q, φ_l^FP)
-over block outputs φ_l. Adam with cosine annealing (both papers). A non-finite loss stops the run before any update
-from it, keeping the last good parameters (CompSRT handles NaN the same way). Teacher outputs are computed once per
-calibration batch and cached.
+over block outputs φ_l. Adam with cosine annealing (both papers), the learning rate stepped after each update. A step
+whose loss or gradient norm is not finite makes no update (one NaN would spread to every bound) and is counted in a
+warning. Teacher outputs are computed once per calibration batch and cached.
 
-Any function with the signature of `distill` can replace it (QuantizeConfig.trainer), e.g. the training issue's loop.
+Any function with the signature of `distill` can replace it (QuantizeConfig.trainer): sana-sr runs these
+fine-tunes on its training loop (sana_sr/train/quant.py), multi-process, with the same loss (`distill_loss`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _first_tensor(out):
+def first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
+        return first_tensor(out[0])
     if hasattr(out, "sample"):
         return out.sample
     raise TypeError(f"cannot find a tensor in a {type(out).__name__} output")
@@ -42,7 +43,7 @@ class FeatureTap:
 
     def _hook(self, name):
         def hook(_module, _args, out):
-            self.features[name] = _first_tensor(out)
+            self.features[name] = first_tensor(out)
         return hook
 
     def pop(self) -> dict[str, torch.Tensor]:
@@ -52,6 +53,15 @@ class FeatureTap:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def distill_loss(out: torch.Tensor, target: torch.Tensor, features: dict[str, torch.Tensor],
+                 target_features: dict[str, torch.Tensor], feature_weight: float) -> torch.Tensor:
+    """‖out − target‖₁ (mean) + feature_weight · Σ_l MSE(features[l], target_features[l]), in float32."""
+    loss = F.l1_loss(out.float(), target.float())
+    for name, value in target_features.items():
+        loss = loss + feature_weight * F.mse_loss(features[name].float(), value.float())
+    return loss
 
 
 def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_groups: list[dict], *, steps: int,
@@ -79,23 +89,24 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_gro
             i = step % len(batches)
             if i not in cache:
                 with torch.no_grad():
-                    cache[i] = (_first_tensor(forward(teacher, batches[i])).detach(), teacher_tap.pop())
+                    cache[i] = (first_tensor(forward(teacher, batches[i])).detach(), teacher_tap.pop())
             target, target_features = cache[i]
-            out = _first_tensor(forward(student, batches[i]))
-            features = student_tap.pop()
-            loss = F.l1_loss(out.float(), target.float())
-            for name, value in target_features.items():
-                loss = loss + feature_weight * F.mse_loss(features[name].float(), value.float())
-            if not torch.isfinite(loss):
-                break
+            out = first_tensor(forward(student, batches[i]))
+            loss = distill_loss(out, target, student_tap.pop(), target_features, feature_weight)
+            if not torch.isfinite(loss):  # no update from it; the schedule moves on as in a skipped step
+                skipped += 1
+                schedule.step()
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
-            schedule.step()
-            if not torch.isfinite(norm):  # one inf/NaN gradient would turn every bound into NaN: skip the step
+            if torch.isfinite(norm):
+                optimizer.step()
+            else:  # one inf/NaN gradient would turn every bound into NaN: skip the step
                 skipped += 1
+            schedule.step()  # after the update: step s runs at the lr of s (0 at the end)
+            if not torch.isfinite(norm):
                 continue
-            optimizer.step()
             losses.append(float(loss.detach()))
             if progress and hasattr(iterator, "set_postfix"):
                 iterator.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
@@ -104,5 +115,5 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_gro
         teacher_tap.close()
         optimizer.zero_grad(set_to_none=True)
     if skipped:
-        warnings.warn(f"{desc}: {skipped} of {steps} steps had a non-finite gradient and were skipped")
+        warnings.warn(f"{desc}: {skipped} of {steps} steps had a non-finite loss or gradient and were skipped")
     return losses
