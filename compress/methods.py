@@ -82,7 +82,8 @@ class QuantizeConfig:
     seed: int = 0
     """Seeds the rectifier init and observers' sampling."""
     trainer: Callable = field(default=distill, repr=False)
-    """The fine-tune loop (signature of compress.finetune.distill); swap in another to reuse a training loop."""
+    """The fine-tune loop (signature of compress.finetune.distill); sana-sr passes its training loop
+    (sana_sr.train.quant.finetune_on_loop)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -3,6 +3,10 @@
 Quantizes the DiT's one step and the DC-AE decoder of a SANA-SR pipeline (LoRA merged first; the encoder stays full
 precision), calibrating on LQ images made from a calibration set, and writes a compressed pipeline folder with a
 real packed export (see sana_sr/quantized.py) that `sana-sr upscale --model OUT_DIR` runs.
+
+The fine-tunes run on the training loop (sana_sr/train/quant.py): one process as is, or several with
+`accelerate launch -m sana_sr.cli compress ...` (DDP; calibration batches shared out). Their checkpoints live in
+the work folder (default OUT_DIR.work, removed after a successful export), so a rerun resumes a stopped run.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -51,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-text-encoder", action="store_true", help="store the text encoder (full precision)")
     p.add_argument("--float-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="fine-tune checkpoints and logs, kept until the export is written (default: OUT_DIR.work); "
+                        "a rerun with the same folder resumes")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="fine-tune checkpoint interval in steps")
+    p.add_argument("--log-every", type=int, default=10, help="fine-tune loss logging interval in steps")
+    p.add_argument("--keep-work-dir", action="store_true", help="keep the work folder after the export")
     return p
 
 
@@ -83,24 +95,74 @@ def compress_pipeline(pipe, config: QuantizeConfig, batches: list[dict], *, fold
     return restorer, result, dict(params=params, fp16_bytes=reference, fp16_folded_bytes=folded_reference)
 
 
+def claim_work_dir(work_dir: Path, identity: dict) -> None:
+    """Create the work folder for this run, or check that the one there belongs to the same run (resume)."""
+    marker = work_dir / "run.json"
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != identity:
+            changed = sorted(k for k in identity.keys() | found.keys() if identity.get(k) != found.get(k))
+            raise ValueError(f"work folder {work_dir} holds a run with other settings ({', '.join(changed)}): "
+                             "delete it or pass another --work-dir")
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    from .atomic import atomic_file
+
+    with atomic_file(marker) as tmp:
+        tmp.write_text(json.dumps(identity, indent=1) + "\n")
+
+
+def finetune_logs(work_dir: Path) -> dict:
+    """Per fine-tune: the replica check of its last checkpoint and its first and last logged losses."""
+    logs = {}
+    for folder in sorted(p for p in work_dir.iterdir() if p.is_dir()) if work_dir.is_dir() else []:
+        entry = {}
+        if (folder / "replicas.json").is_file():
+            entry["replicas"] = json.loads((folder / "replicas.json").read_text())
+        if (folder / "metrics.jsonl").is_file():
+            lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+            entry["logged_loss"] = [[m["step"], round(m["loss/loss"], 6)] for m in lines if "loss/loss" in m]
+        logs[folder.name] = entry
+    return logs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch.distributed as dist
+
+    try:
+        return compress(args, argv)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
     from tqdm import tqdm
 
     from .build import load_pipeline
     from .quantized import save_quantized_pipeline
+    from .train.quant import FinetuneStopped, QuantLoopSettings, finetune_on_loop
 
-    progress = partial(tqdm, disable=None, leave=False)
+    main_process = os.environ.get("RANK", "0") == "0"
+    progress = partial(tqdm, disable=None if main_process else True, leave=False)
     overrides = {k: v for k, v in dict(steps=args.steps, routing_steps=args.routing_steps, lr=args.lr,
                                        prune=args.prune).items() if v is not None}
+    work_dir = args.work_dir or args.output.with_name(args.output.name + ".work")
+    settings = QuantLoopSettings(work_dir, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                                 seed=args.seed)
     try:
         config = QuantizeConfig(method=args.method, wbits=args.wbits, abits=args.abits or None,
                                 act_granularity=args.act_granularity, float_dtype=args.float_dtype,
-                                seed=args.seed, **overrides)
+                                seed=args.seed, trainer=partial(finetune_on_loop, settings=settings), **overrides)
         preset_kwargs = dict(text_encoder=args.keep_text_encoder) if args.model in PRESETS else {}
         pipe = load_pipeline(args.model, **preset_kwargs)
         pairs = calibration_batches(args.calib, args.calib_count, args.batch_size, args.calib_size,
                                     pipe.config.upscale, args.seed)
+        identity = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    if k not in ("work_dir", "checkpoint_every", "log_every", "keep_work_dir")}
+        if main_process:
+            claim_work_dir(work_dir, identity)
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -108,8 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     batches = latent_batches(pipe, pairs)
     boundary = None if args.boundary_bits == "fp" else int(args.boundary_bits)
-    restorer, result, reference = compress_pipeline(pipe, config, batches, fold=not args.no_fold_timestep,
-                                                    boundary_wbits=boundary, progress=progress)
+    try:
+        restorer, result, reference = compress_pipeline(pipe, config, batches, fold=not args.no_fold_timestep,
+                                                        boundary_wbits=boundary, progress=progress)
+    except FinetuneStopped as e:
+        if main_process:
+            print(f"sana-sr compress: {e}; rerun the same command to resume", file=sys.stderr)
+        return 75
+    except (ValueError, FloatingPointError) as e:
+        if main_process:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if not main_process:
+        return 0
     report = dict(
         command="sana-sr compress " + " ".join(argv if argv is not None else sys.argv[1:]),
         model=str(args.model), config={k: v for k, v in dataclasses.asdict(config).items() if k != "trainer"},
@@ -118,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                          size=args.calib_size, degradation="realesrgan"),
         reference=reference, seconds=round(time.time() - start, 1),
         losses={k: [round(v[0], 6), round(v[-1], 6)] if v else [] for k, v in result.losses.items()},
+        finetune=finetune_logs(work_dir),
         plan=[dataclasses.asdict(d) for d in result.decisions],
         versions=dict(python=platform.python_version(), torch=torch.__version__),
     )
@@ -128,4 +202,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{reference['fp16_bytes'] / size:.2f}x smaller than fp16 ({reference['fp16_bytes'] / 1024:.1f} KiB; "
           f"{reference['fp16_folded_bytes'] / size:.2f}x vs fp16 with the same timestep folding), "
           f"{layout['summary']['bits_per_weight']:.2f} bits/weight (paper formula) -> {args.output}")
+    if not args.keep_work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
     return 0

@@ -56,10 +56,10 @@ def train_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def accelerate_launch(processes: int, port: int) -> list[str]:
+def accelerate_launch(processes: int, port: int, module: str = "sana_sr.train") -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "-m", "sana_sr.train"]
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "-m", module]
 
 
 def run(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
