@@ -4,7 +4,8 @@
     train     the tiny preset's LoRA, 2 processes, DDP on gloo                  (accelerate launch -m sana_sr.train)
     prune     prompt-aware pruning of the DiT to half its parameters, then a full fine-tune distilled from the
               trained model, 2 processes                                       (sana-sr prune; sana_sr.train)
-    compress  CompSRT and SPR²Q W4A4 of the pruned model, packed to disk       (sana-sr compress)
+    compress  CompSRT and SPR²Q W4A4 of the pruned model, packed to disk; their fine-tunes on the training
+              loop, 2 processes                                                (accelerate launch sana-sr compress)
     evaluate  every variant on the held-back photo, 2 processes                 (accelerate launch eval/realsr.py)
     restore   training and held-back photos degraded with fixed seeds, every variant and bicubic scored side by
               side; the real low-quality photos restored with the trained model
@@ -128,10 +129,11 @@ def stage_compress(run: Run) -> None:
     for name, method in COMPRESSED.items():
         if (run.path("compress", name) / "model_index.json").is_file():
             continue
-        call(cli(["compress", *method, "--wbits", "4", "--abits", "4", str(run.variants()["pruned"]),
-                  "-o", str(run.path("compress", name)), "--calib", str(run.path("photos")),
-                  "--steps", str(run.compress_steps), "--routing-steps", str(max(1, run.compress_steps // 4)),
-                  "--seed", str(run.seed)]), f"sana-sr compress {name}")
+        call(launch(run, ["-m", "sana_sr.cli", "compress", *method, "--wbits", "4", "--abits", "4",
+                          str(run.variants()["pruned"]), "-o", str(run.path("compress", name)),
+                          "--calib", str(run.path("photos")), "--steps", str(run.compress_steps),
+                          "--routing-steps", str(max(1, run.compress_steps // 4)), "--seed", str(run.seed)]),
+             f"sana-sr compress {name}")
 
 
 def stage_evaluate(run: Run) -> None:

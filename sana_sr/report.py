@@ -92,6 +92,21 @@ def _loss_line(title: str, run_dir: Path, key: str) -> str:
     return line
 
 
+def _quantization_lines(run_dir: Path) -> list[str]:
+    """One line per quantization fine-tune (from each compressed folder's compression.json)."""
+    lines = []
+    for report in sorted((run_dir / "compress").glob("*/compression.json")):
+        for phase, entry in json.loads(report.read_text()).get("finetune", {}).items():
+            logged, ranks = entry.get("logged_loss"), entry.get("replicas", {}).get("ranks")
+            if not logged or not ranks:
+                continue
+            same = len({str(r["weights_checksum"]) for r in ranks}) == 1
+            lines.append(f"- {report.parent.name} {phase}: loss {logged[0][1]:.4f} at step {logged[0][0]} → "
+                         f"{logged[-1][1]:.4f} at step {logged[-1][0]}, {ranks[0]['world_size']} processes "
+                         f"(replica weights identical: {same})")
+    return lines
+
+
 def write_report(run_dir: Path, out: Path) -> None:
     scores = json.loads((run_dir / "restore" / "scores.json").read_text())
     replicas = json.loads((run_dir / "train" / "replicas.json").read_text())
@@ -106,7 +121,8 @@ def write_report(run_dir: Path, out: Path) -> None:
             f"Tiny SANA-SR: LoRA trained on {replicas['ranks'][0]['world_size']} processes (replica weights identical "
             f"at the end: {identical}), pruned to half the DiT, fine-tuned with distillation, quantized to W4A4.", "",
             _loss_line("LoRA training", runs["LoRA training"], "pixel_l2"),
-            _loss_line("pruned fine-tune", runs["pruned fine-tune (distilled)"], "distill"), "",
+            _loss_line("pruned fine-tune", runs["pruned fine-tune (distilled)"], "distill"),
+            *_quantization_lines(run_dir), "",
             "![loss](loss.png)", "",
             "## Quality vs size", "",
             "Same LQ photos (Real-ESRGAN degradation, fixed seeds) for every variant; PSNR/SSIM on Y, border 4.", "",

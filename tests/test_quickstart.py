@@ -49,6 +49,11 @@ def test_main_job_runs_every_stage_and_beats_bicubic(tmp_path):
     for name in COMPRESSED:
         assert scores[name]["bytes"] < scores["pruned"]["bytes"] / 3, (name, scores[name]["bytes"])
         assert np.isfinite(scores[name]["held_back_mean"]["psnr_sr"])
+        # ... and their quantization fine-tunes ran on the training loop, 2 synchronised processes.
+        for phase in json.loads((out / "compress" / name / "compression.json").read_text())["finetune"].values():
+            ranks = phase["replicas"]["ranks"]
+            assert [r["world_size"] for r in ranks] == [2, 2]
+            assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
     for name in ("trained", "pruned", *COMPRESSED):
         summary = json.loads((out / "eval" / name / "summary.json").read_text())
         assert summary["run"]["world_size"] == 2 and summary["metrics"]["psnr"]["images"] == 1
