@@ -1,4 +1,4 @@
-"""Atomic writes: an output is either complete or absent, never half-written.
+"""Atomic writes: an output is either complete or absent, never half-written; and the size of what was written.
 
 Everything that writes a result (images, checkpoints, model folders, shards, reports) goes through these two
 context managers: write into a temporary sibling, then rename it over the target.
@@ -58,3 +58,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def folder_bytes(folder: str | os.PathLike, suffix: str | None = None, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under `folder` (recursively), optionally only those ending in `suffix` and outside any
+    sub-folder named in `skip`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*")
+               if p.is_file() and (suffix is None or p.name.endswith(suffix)) and not set(skip) & set(p.parts))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,21 @@ def _is_16bit_color(path: Path, im: Image.Image) -> bool:
     return False
 
 
+@contextmanager
+def decode_errors(error: type[Exception]) -> Iterator[None]:
+    """Re-raise PIL's ways of failing on a bad file as `error` with a one-line reason (and `error` as is)."""
+    try:
+        yield
+    except error:
+        raise
+    except Image.DecompressionBombError as e:
+        raise error(f"too many pixels ({e})") from None
+    except UnidentifiedImageError:
+        raise error("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise error(f"truncated or corrupt image: {e}") from None
+
+
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:
     """Decode `path` fully, or raise ImageError saying why not."""
     path = Path(path)
@@ -78,7 +95,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Loaded
         raise ImageError("is a folder, not an image")
     if path.stat().st_size == 0:
         raise ImageError("empty file (0 bytes)")
-    try:
+    with decode_errors(ImageError):
         with Image.open(path) as im:
             if im.format not in FORMATS:
                 raise ImageError(f"unsupported format {im.format} (supported: {', '.join(FORMATS)})")
@@ -90,14 +107,6 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Loaded
             sixteen_color = _is_16bit_color(path, im)
             decoded = _decode_pil(im) if not sixteen_color else None
             fmt = im.format
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"too many pixels ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"truncated or corrupt image: {e}") from None
 
     if sixteen_color:
         decoded = _decode_16bit_color(path)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, folder_bytes
 from .data.degradation_config import DegradationConfig
 from .images import load_image
 from .metrics.fidelity import psnr_y, ssim_y, to_8bit_levels
@@ -77,12 +77,6 @@ def write_center_crops(photos: list[Path], size: int, out: Path) -> None:
             _save(tmp / f"{path.stem}.png", center_crop(path, size)[0].permute(1, 2, 0).numpy())
 
 
-def _model_bytes(folder: Path) -> int:
-    """Bytes of the weights a deployment needs (the text encoder, when stored, is not counted)."""
-    return sum(p.stat().st_size for p in folder.rglob("*")
-               if p.is_file() and p.suffix == ".safetensors" and "text_encoder" not in p.parts)
-
-
 def _means(scores: dict[str, dict]) -> dict[str, float]:
     return {k: float(np.mean([v[k] for v in scores.values()])) for k in next(iter(scores.values()))}
 
@@ -101,7 +95,8 @@ def score_variants(variants: dict[str, Path], out: Path, seed: int, train: list[
         for index, (name, folder) in enumerate(variants.items()):
             pipe = load_pipeline(folder)
             pipe.set_progress_bar_config(disable=True)
-            entry: dict = {"bytes": _model_bytes(folder)}
+            # The weights a deployment needs (a stored text encoder is not counted).
+            entry: dict = {"bytes": folder_bytes(folder, ".safetensors", skip=("text_encoder",))}
             for subset, photos in (("train", train), ("held_back", held_back)):
                 (tmp / name / subset).mkdir(parents=True)
                 entry[subset] = score_photos(pipe, photos, crop, seed, tmp / name / subset, degradation)

@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, folder_bytes
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 REQUIRED_METADATA = {"library_name": "diffusers", "pipeline_tag": "image-to-image"}
@@ -80,10 +80,6 @@ def _metrics_table(run: Path) -> list[str]:
     return ["| variant | dataset | metric | value | images |", "|---|---|---|---|---|", *rows]
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def model_card(run: Path, repo_id: str, variant: str, variants: dict[str, Path], license_id: str,
                datasets: list[str]):
     """The README.md of the repo as a huggingface_hub ModelCard."""
@@ -118,7 +114,7 @@ def model_card(run: Path, repo_id: str, variant: str, variants: dict[str, Path],
         lines += ["## Compressed variants", "",
                   "Packed low-bit weights (sana-sr `compress/`); each folder loads with `load_pipeline(folder)`:", "",
                   "| folder | size | report |", "|---|---|---|"]
-        lines += [f"| `variants/{n}/` | {_folder_bytes(variants[n]) / 2**20:.2f} MiB | "
+        lines += [f"| `variants/{n}/` | {folder_bytes(variants[n]) / 2**20:.2f} MiB | "
                   f"`variants/{n}/compression.json` |" for n in others]
         lines += ["", "```python", f'folder = snapshot_download("{repo_id}", allow_patterns="variants/{others[0]}/*")',
                   f'pipe = load_pipeline(Path(folder) / "variants/{others[0]}")', "```", ""]

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
 
-from compress import export_quantized, load_quantized
+from compress import export_quantized, export_size, load_quantized
 
 from .atomic import atomic_directory
 from .pipeline import SanaSRPipeline
@@ -58,13 +58,9 @@ def save_quantized_pipeline(pipe: SanaSRPipeline, restorer: LatentRestorer, out_
         safetensors.torch.save_file(encoder, str(tmp / "vae" / "encoder.safetensors"))
         layout = export_quantized(restorer, tmp / QUANTIZED_DIR, float_dtype=float_dtype,
                                   metadata=dict(folded_timestep=report["folded_timestep"]))
-        report = dict(report, export=dict(bytes=_folder_bytes(tmp / QUANTIZED_DIR), summary=layout["summary"]))
+        report = dict(report, export=dict(bytes=export_size(tmp / QUANTIZED_DIR), summary=layout["summary"]))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return layout
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
 def load_quantized_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu") -> SanaSRPipeline:

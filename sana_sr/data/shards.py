@@ -30,9 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..atomic import atomic_file
+from ..images import decode_errors
 from .sources import SourceError, SourceImage, attach_captions, attach_embeddings, discover, load_caption_map
 
 FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp", "PPM": "ppm"}
@@ -84,7 +85,7 @@ def _encoded_image(image: SourceImage, options: ShardOptions) -> tuple[str, byte
         raise _Skip(f"unreadable: {e.strerror or e}") from None
     if not data:
         raise _Skip("empty file (0 bytes)")
-    try:
+    with decode_errors(_Skip):
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in FORMATS:
                 raise _Skip(f"unsupported format {im.format} (supported: {', '.join(FORMATS)})")
@@ -98,14 +99,6 @@ def _encoded_image(image: SourceImage, options: ShardOptions) -> tuple[str, byte
                 out = io.BytesIO()
                 im.save(out, format=REENCODE[options.reencode], quality=options.quality)
                 data, fmt = out.getvalue(), REENCODE[options.reencode]
-    except _Skip:
-        raise
-    except Image.DecompressionBombError as e:
-        raise _Skip(f"too many pixels ({e})") from None
-    except UnidentifiedImageError:
-        raise _Skip("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise _Skip(f"truncated or corrupt image: {e}") from None
     return FORMATS[fmt], data, {"path": image.rel, "width": width, "height": height, "format": fmt}
 
 
