@@ -28,6 +28,7 @@ import torch
 from compress import METHODS, QuantizeConfig, fp16_reference_bytes, quantize
 from compress.methods import snap_floats
 
+from .atomic import atomic_file
 from .calibration import CalibrationBatch, calibration_batches
 from .presets import PRESETS
 from .quant_sana import LatentRestorer, fold_timestep, install_matmul_sites, sana_rule
@@ -95,8 +96,8 @@ def compress_pipeline(pipe, config: QuantizeConfig, batches: list[dict], *, fold
     return restorer, result, dict(params=params, fp16_bytes=reference, fp16_folded_bytes=folded_reference)
 
 
-def claim_work_dir(work_dir: Path, identity: dict) -> None:
-    """Create the work folder for this run, or check that the one there belongs to the same run (resume)."""
+def claim_work_dir(work_dir: Path, identity: dict, create: bool) -> None:
+    """Check that a work folder already there belongs to this run (resume); else create it (`create`: rank 0)."""
     marker = work_dir / "run.json"
     if marker.is_file():
         found = json.loads(marker.read_text())
@@ -105,9 +106,9 @@ def claim_work_dir(work_dir: Path, identity: dict) -> None:
             raise ValueError(f"work folder {work_dir} holds a run with other settings ({', '.join(changed)}): "
                              "delete it or pass another --work-dir")
         return
+    if not create:
+        return
     work_dir.mkdir(parents=True, exist_ok=True)
-    from .atomic import atomic_file
-
     with atomic_file(marker) as tmp:
         tmp.write_text(json.dumps(identity, indent=1) + "\n")
 
@@ -146,6 +147,10 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     main_process = os.environ.get("RANK", "0") == "0"
     progress = partial(tqdm, disable=None if main_process else True, leave=False)
+    if not main_process:  # one set of loading bars per run
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     overrides = {k: v for k, v in dict(steps=args.steps, routing_steps=args.routing_steps, lr=args.lr,
                                        prune=args.prune).items() if v is not None}
     work_dir = args.work_dir or args.output.with_name(args.output.name + ".work")
@@ -161,8 +166,7 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
                                     pipe.config.upscale, args.seed)
         identity = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("work_dir", "checkpoint_every", "log_every", "keep_work_dir")}
-        if main_process:
-            claim_work_dir(work_dir, identity)
+        claim_work_dir(work_dir, identity, create=main_process)
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +15,7 @@ from sana_sr.train.quant import QuantLoopSettings, finetune_on_loop
 from tests.compress_nets import one_thread, toy_batches, toy_model  # noqa: F401 (autouse fixture)
 
 from .slurm_cluster import free_ports
-from .train_helpers import REPO, accelerate_launch, run, train_env
+from .train_helpers import REPO, accelerate_launch, run, run_until
 
 CALIB = ["--calib-count", "8", "--calib-size", "64", "--batch-size", "2"]
 
@@ -69,15 +67,9 @@ def test_stopped_compress_resumes_to_the_same_bytes(tmp_path):
     run([*entry, *args, "-o", str(tmp_path / "straight")], cwd=REPO)
 
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([*entry, *args, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=train_env(), cwd=REPO)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 3:"):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 75, "".join(lines[-20:])
-    assert "rerun the same command to resume" in "".join(lines)
+    code, output = run_until([*entry, *args, "-o", str(out)], "step 3:")
+    assert code == 75, output[-3000:]
+    assert "rerun the same command to resume" in output
     assert not out.exists()  # nothing half-written
     saved = [p.name for p in (tmp_path / "stopped.work" / "compsrt-bounds").glob("checkpoint-*")]
     assert len(saved) == 1 and 3 <= int(saved[0].split("-")[1]) < 8, saved

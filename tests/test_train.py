@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 from .slurm_cluster import free_ports
-from .train_helpers import TINY_ARGS, REPO, accelerate_launch, final_lora, make_shards, metrics, run, train_env
+from .train_helpers import TINY_ARGS, REPO, accelerate_launch, final_lora, make_shards, metrics, run, run_until
 from .train_helpers import write_photo_crops
 
 
@@ -34,14 +32,8 @@ def test_resume_after_sigterm_is_bitwise(shards, tmp_path):
     run([*entry, f"output_dir={tmp_path / 'straight'}", *args], cwd=REPO)
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([*entry, f"output_dir={interrupted}", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=train_env(), cwd=REPO)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 4:"):
-            proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 75, "".join(lines[-20:])
+    code, output = run_until([*entry, f"output_dir={interrupted}", *args], "step 4:")
+    assert code == 75, output[-3000:]
     saved = [p.name for p in interrupted.glob("checkpoint-*")]
     assert len(saved) == 1 and 4 <= int(saved[0].split("-")[1]) < 10, saved
     assert not (interrupted / "final").exists()

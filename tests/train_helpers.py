@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,15 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def final_lora(run_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / ("lora_ema" if ema else "lora") / "pytorch_lora_weights.safetensors")
+
+
+def run_until(cmd: list[str], line_prefix: str, timeout: float = 300) -> tuple[int, str]:
+    """Run `cmd`, send it SIGTERM when it prints a line starting with `line_prefix`; (exit code, output)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=train_env(),
+                            cwd=REPO)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(line_prefix):
+            proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout), "".join(lines)

@@ -92,6 +92,8 @@ class QuantFinetune(TrainLoop):
         self.desc, self.forward, self.feature_weight, self.progress = desc, forward, feature_weight, progress
         self.local = [{"key": [f"calib-{i}/{j}" for j in range(_batch_size(b))], "inputs": _to(b, acc.device)}
                       for i, b in enumerate(batches)][acc.process_index::acc.num_processes]
+        # compress calibrates and finalizes where the model was given: it goes back there after the fine-tune.
+        self.home = next(student.parameters()).device
         self.teacher = teacher.to(acc.device)
         self.prepare(student, param_groups)
         self.student_tap = FeatureTap(student, feature_modules)
@@ -147,6 +149,8 @@ class QuantFinetune(TrainLoop):
         if acc.num_processes > 1 and losses.numel():
             losses = acc.reduce(losses, reduction="mean")
         acc.free_memory()  # drop the DDP wrapper: the next fine-tune wraps the student with other trainables
+        self.module.to(self.home)
+        self.teacher.to(self.home)
         if code == REQUEUE_EXIT_CODE:
             raise FinetuneStopped(f"{self.desc}: stopped by a signal at step {self.state['step']} of "
                                   f"{self.optim.max_steps}, saved in {self.output_dir}")
