@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import find_batch_size, send_to_device
 from torch import nn
 
 from compress.finetune import FeatureTap, distill_loss, first_tensor
@@ -50,20 +51,6 @@ class QuantLoopSettings:
     """Seed of the loop's random state."""
 
 
-def _batch_size(batch) -> int:
-    tensors = list(batch.values()) if isinstance(batch, dict) else list(batch) if isinstance(batch, (tuple, list)) \
-        else [batch]
-    return next(t.shape[0] for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _to(batch, device: torch.device):
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
-
-
 class QuantFinetune(TrainLoop):
     """One fine-tune: `student` learns to match `teacher` on the calibration batches; only `param_groups` change."""
 
@@ -74,7 +61,7 @@ class QuantFinetune(TrainLoop):
         if len(batches) < world:
             raise ValueError(f"{len(batches)} calibration batches cannot be shared by {world} processes: use at least "
                              f"{world} (calibration crops >= {world} x batch size)")
-        micro = _batch_size(batches[0])
+        micro = find_batch_size(batches[0])
         optim = OptimConfig(lr=param_groups[0]["lr"], weight_decay=0.0, schedule="cosine", warmup_steps=0,
                             max_steps=steps, micro_batch_size=micro, global_batch_size=micro * world,
                             grad_clip=grad_clip or 0.0, ema_decay=0.0)
@@ -90,8 +77,9 @@ class QuantFinetune(TrainLoop):
                          ddp_kwargs=dict(broadcast_buffers=False))
         acc = self.accelerator
         self.desc, self.forward, self.feature_weight, self.progress = desc, forward, feature_weight, progress
-        self.local = [{"key": [f"calib-{i}/{j}" for j in range(_batch_size(b))], "inputs": _to(b, acc.device)}
-                      for i, b in enumerate(batches)][acc.process_index::acc.num_processes]
+        mine = list(enumerate(batches))[acc.process_index::acc.num_processes]
+        self.local = [{"key": [f"calib-{i}/{j}" for j in range(find_batch_size(b))],
+                       "inputs": send_to_device(b, acc.device)} for i, b in mine]
         # compress calibrates and finalizes where the model was given: it goes back there after the fine-tune.
         self.home = next(student.parameters()).device
         self.teacher = teacher.to(acc.device)
