@@ -102,14 +102,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Sequence, param_gro
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
             if torch.isfinite(norm):
                 optimizer.step()
+                losses.append(float(loss.detach()))
+                if progress and hasattr(iterator, "set_postfix"):
+                    iterator.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             else:  # one inf/NaN gradient would turn every bound into NaN: skip the step
                 skipped += 1
             schedule.step()  # after the update: step s runs at the lr of s (0 at the end)
-            if not torch.isfinite(norm):
-                continue
-            losses.append(float(loss.detach()))
-            if progress and hasattr(iterator, "set_postfix"):
-                iterator.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
     finally:
         student_tap.close()
         teacher_tap.close()
