@@ -17,13 +17,14 @@ Loading needs no pickled modules: architectures come from the configs, the quant
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler
 
 from compress import export_quantized, export_size, load_quantized
 
@@ -71,11 +72,10 @@ def load_quantized_pipeline(path: str | os.PathLike, device: str | torch.device 
                                 "write one with `sana-sr compress`")
     config = json.loads((path / "model_index.json").read_text())
     layout_meta = json.loads((path / QUANTIZED_DIR / "layout.json").read_text()).get("metadata", {})
-    transformer_config = SanaTransformer2DModel.load_config(path / "transformer")
-    transformer_class = SanaTransformer2DModel
-    if transformer_config.get("_class_name") == "PrunedSanaTransformer2DModel":  # its config holds the pruned widths
-        from compress.pruning.model import PrunedSanaTransformer2DModel as transformer_class
-    transformer = transformer_class.from_config(transformer_config)
+    # The class the folder was saved from (diffusers' DiT, or the pruned one whose config holds the pruned widths).
+    library, class_name = config["transformer"]
+    transformer_class = getattr(importlib.import_module(library), class_name)
+    transformer = transformer_class.from_config(transformer_class.load_config(path / "transformer"))
     vae = AutoencoderDC.from_config(AutoencoderDC.load_config(path / "vae"))
     encoder_state = safetensors.torch.load_file(str(path / "vae" / "encoder.safetensors"))
     vae.encoder.load_state_dict({k: v.float() for k, v in encoder_state.items()}, strict=True)
