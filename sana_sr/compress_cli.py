@@ -114,15 +114,17 @@ def claim_work_dir(work_dir: Path, identity: dict, create: bool) -> None:
 
 
 def finetune_logs(work_dir: Path) -> dict:
-    """Per fine-tune: the replica check of its last checkpoint and its first and last logged losses."""
+    """Per fine-tune: the replica check of its last checkpoint and its logged losses."""
+    from .train.tracking import read_metrics
+
     logs = {}
     for folder in sorted(p for p in work_dir.iterdir() if p.is_dir()) if work_dir.is_dir() else []:
         entry = {}
         if (folder / "replicas.json").is_file():
             entry["replicas"] = json.loads((folder / "replicas.json").read_text())
         if (folder / "metrics.jsonl").is_file():
-            lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
-            entry["logged_loss"] = [[m["step"], round(m["loss/loss"], 6)] for m in lines if "loss/loss" in m]
+            entry["logged_loss"] = [[m["step"], round(m["loss/loss"], 6)] for m in read_metrics(folder)
+                                    if "loss/loss" in m]
         logs[folder.name] = entry
     return logs
 

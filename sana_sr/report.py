@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_directory
+from .train.tracking import read_metrics
 
 
 def _pyplot():
@@ -20,8 +21,14 @@ def _pyplot():
     return plt
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _bicubic_ratios(rows: list[dict]) -> list[float]:
+    """Pixel loss over bicubic's on the same batch: learning net of each batch's difficulty."""
+    return [r["loss/pixel_l2"] / r["loss/bicubic_l2"] for r in rows]
+
+
+def _identical(ranks: list[dict]) -> bool:
+    """Whether every rank of a replica report holds the same trained weights."""
+    return len({str(r["weights_checksum"]) for r in ranks}) == 1
 
 
 def loss_curves(runs: dict[str, Path], png: Path) -> None:
@@ -29,7 +36,7 @@ def loss_curves(runs: dict[str, Path], png: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.5), dpi=110, squeeze=False)
     for ax, (title, run_dir) in zip(axes[0], runs.items()):
-        rows = _metrics(run_dir)
+        rows = read_metrics(run_dir)
         for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
             ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), label=key.removeprefix("loss/"))
         ax.set(yscale="log", xlabel="optimizer step", ylabel="loss", title=title)
@@ -37,7 +44,7 @@ def loss_curves(runs: dict[str, Path], png: Path) -> None:
         ax.legend(fontsize=7, loc="upper left")
         if all("loss/pixel_l2" in r and "loss/bicubic_l2" in r for r in rows):  # progress net of batch difficulty
             ratio = ax.twinx()
-            ratio.plot([r["step"] for r in rows], [r["loss/pixel_l2"] / r["loss/bicubic_l2"] for r in rows],
+            ratio.plot([r["step"] for r in rows], _bicubic_ratios(rows),
                        color="black", linestyle=":", label="pixel_l2 / bicubic_l2 (right)")
             ratio.set_ylabel("pixel_l2 / bicubic_l2")
             ratio.legend(fontsize=7, loc="upper right")
@@ -80,12 +87,12 @@ def sample_grid(variant_dir: Path, png: Path) -> list[str]:
 
 
 def _loss_line(title: str, run_dir: Path, key: str) -> str:
-    rows = [r for r in _metrics(run_dir) if f"loss/{key}" in r]
+    rows = [r for r in read_metrics(run_dir) if f"loss/{key}" in r]
     first, last = rows[0], rows[-1]
     line = (f"- {title}: {key} {first[f'loss/{key}']:.4f} at step {first['step']} → {last[f'loss/{key}']:.4f} at "
             f"step {last['step']}")
     if key == "pixel_l2" and "loss/bicubic_l2" in first:  # each batch's difficulty differs: compare with bicubic
-        ratios = [r["loss/pixel_l2"] / r["loss/bicubic_l2"] for r in rows]
+        ratios = _bicubic_ratios(rows)
         head, tail = ratios[: max(1, len(ratios) // 5)], ratios[-max(1, len(ratios) // 5):]
         line += (f"; relative to bicubic on the same batches {sum(head) / len(head):.3f} (first fifth) → "
                  f"{sum(tail) / len(tail):.3f} (last fifth)")
@@ -100,10 +107,9 @@ def _quantization_lines(run_dir: Path) -> list[str]:
             logged, ranks = entry.get("logged_loss"), entry.get("replicas", {}).get("ranks")
             if not logged or not ranks:
                 continue
-            same = len({str(r["weights_checksum"]) for r in ranks}) == 1
             lines.append(f"- {report.parent.name} {phase}: loss {logged[0][1]:.4f} at step {logged[0][0]} → "
                          f"{logged[-1][1]:.4f} at step {logged[-1][0]}, {ranks[0]['world_size']} processes "
-                         f"(replica weights identical: {same})")
+                         f"(replica weights identical: {_identical(ranks)})")
     return lines
 
 
@@ -112,14 +118,14 @@ def write_report(run_dir: Path, out: Path) -> None:
     replicas = json.loads((run_dir / "train" / "replicas.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
     runs = {"LoRA training": run_dir / "train", "pruned fine-tune (distilled)": run_dir / "prune" / "finetune"}
-    identical = len({str(r["weights_checksum"]) for r in replicas["ranks"]}) == 1
     with atomic_directory(out) as tmp:
         loss_curves(runs, tmp / "loss.png")
         quality_vs_size(scores, tmp / "quality_vs_size.png")
         lines = [
             "# sana-sr quickstart report", "",
             f"Tiny SANA-SR: LoRA trained on {replicas['ranks'][0]['world_size']} processes (replica weights identical "
-            f"at the end: {identical}), pruned to half the DiT, fine-tuned with distillation, quantized to W4A4.", "",
+            f"at the end: {_identical(replicas['ranks'])}), pruned to half the DiT, fine-tuned with distillation, "
+            "quantized to W4A4.", "",
             _loss_line("LoRA training", runs["LoRA training"], "pixel_l2"),
             _loss_line("pruned fine-tune", runs["pruned fine-tune (distilled)"], "distill"),
             *_quantization_lines(run_dir), "",

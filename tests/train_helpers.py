@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from sana_sr.train.tracking import read_metrics as metrics  # noqa: F401 (re-exported for the tests)
 
 from .conftest import ASSETS
 
@@ -67,10 +68,6 @@ def run(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedP
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=train_env(), **kwargs)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_lora(run_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:

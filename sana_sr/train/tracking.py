@@ -47,6 +47,11 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """The rows MetricsLog wrote to `output_dir/metrics.jsonl`, in order."""
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
 def sample_grid(lq: torch.Tensor, sr: torch.Tensor, hq: torch.Tensor, count: int = 4) -> np.ndarray:
     """Rows of LQ (nearest-upscaled) | SR | HQ as an (H, W, 3) uint8 array."""
     lq = F.interpolate(lq[:count].float(), size=hq.shape[2:], mode="nearest")
