@@ -35,13 +35,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.pruning import BlockFeatures, DistillWeights, distillation_loss, feature_pairs  # noqa: E402
+from compress import FeatureTap  # noqa: E402
+from compress.pruning import DistillWeights, distillation_loss, feature_pairs  # noqa: E402
 from sana_sr import SanaSRPipeline, build_pipeline  # noqa: E402
 from sana_sr.atomic import atomic_directory, atomic_file  # noqa: E402
-from sana_sr.calibration import calibration_batches  # noqa: E402
-from sana_sr.metrics.fidelity import psnr_y, ssim_y, to_8bit_levels  # noqa: E402
-from sana_sr.pipeline import predict_velocity  # noqa: E402
-from sana_sr.pruning import PruneSettings, importance_scores, prepare_batches, prune_pipeline  # noqa: E402
+from sana_sr.data.calibration_pairs import calibration_batches  # noqa: E402
+from sana_sr.evaluation.metrics.fidelity import psnr_y, ssim_y, to_8bit_levels  # noqa: E402
+from sana_sr.model.pipeline import predict_velocity  # noqa: E402
+from sana_sr.pruning.dit_structure import block_names  # noqa: E402
+from sana_sr.pruning.prompt_aware import PruneSettings, importance_scores, prepare_batches, prune_pipeline  # noqa: E402
 
 SET5 = Path("/work/shared/data/Set5/HR")
 EVAL_PROMPTS = {
@@ -89,9 +91,9 @@ def log(msg: str) -> None:
 
 def eval_set(size: int, seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor, str]]:
     """(name, LQ, HQ, prompt) for chelsea + Set5, centre crops of at most `size` px (a multiple of 16)."""
-    from sana_sr.quickstart import bundled
+    from sana_sr import bundled
 
-    paths = [bundled("photos") / "chelsea.png"] + (sorted(SET5.glob("*.png")) if SET5.is_dir() else [])
+    paths = bundled.held_back_photos() + (sorted(SET5.glob("*.png")) if SET5.is_dir() else [])
     out = []
     for i, path in enumerate(paths):
         with Image.open(path) as im:
@@ -107,7 +109,7 @@ def eval_set(size: int, seed: int) -> list[tuple[str, torch.Tensor, torch.Tensor
 @torch.no_grad()
 def evaluate(pipe: SanaSRPipeline | None, images) -> dict:
     """Mean PSNR / SSIM of the pipeline's restorations (None: plain bicubic upsampling, the floor to beat)."""
-    from sana_sr.pipeline import bicubic_upsample
+    from sana_sr.model.pipeline import bicubic_upsample
 
     psnrs, ssims = [], []
     for _, lq, hq, prompt in images:
@@ -135,13 +137,13 @@ def train_steps(pipe, steps: int, lr: float, batch: int, crop: int, seed: int, t
         pairs_now = calibration_batches(None, batch, batch, crop, 4, seed * 100003 + step, simple_degradation)
         (b,) = prepare_batches(pipe, pairs_now)
         t = torch.full((b.latents.shape[0],), pipe.timestep)
-        with BlockFeatures(dit) as s_feats:
+        with FeatureTap(dit, block_names(dit)) as s_feats:
             v = predict_velocity(dit, b.latents, t, b.embeds, b.mask)
         loss = torch.nn.functional.mse_loss(pipe.decode(b.latents - pipe.sigma * v).float(), b.target)
         if teacher is not None:
-            with torch.no_grad(), BlockFeatures(teacher) as t_feats:
+            with torch.no_grad(), FeatureTap(teacher, block_names(teacher)) as t_feats:
                 v_t = predict_velocity(teacher, b.latents, t, b.embeds, b.mask)
-            distill, _ = distillation_loss(v, v_t, s_feats.outputs, t_feats.outputs, pairs, weights)
+            distill, _ = distillation_loss(v, v_t, s_feats.ordered(), t_feats.ordered(), pairs, weights)
             loss = loss + distill
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,7 +158,7 @@ def train_steps(pipe, steps: int, lr: float, batch: int, crop: int, seed: int, t
 
 def prepare_base(args) -> SanaSRPipeline:
     """A tiny SR pipeline: trained DC-AE (reconstruction), then the DiT trained for one-step SR with captions."""
-    from sana_sr.tiny_base import TRAIN_PHOTOS, load_photos, random_crops, train_autoencoder
+    from sana_sr.train.pretrain_tiny import TRAIN_PHOTOS, load_photos, random_crops, train_autoencoder
 
     folder = args.out / "base"
     if (folder / "model_index.json").is_file():

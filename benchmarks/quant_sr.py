@@ -34,8 +34,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from swinir_light import SwinIRLight  # noqa: E402
 
-from compress import METHODS, QuantizeConfig, export_quantized, export_size, fp16_reference_bytes  # noqa: E402
-from compress import load_quantized, quantize  # noqa: E402
+from compress import (  # noqa: E402  # noqa: E402
+    METHODS,
+    QuantizeConfig,
+    export_quantized,
+    export_size,
+    fp16_reference_bytes,
+    load_quantized,
+    quantize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SANA_SR_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -11,6 +11,7 @@ Takes any torch.nn.Module and a list of calibration batches; imports nothing fro
 """
 
 from .export import export_quantized, export_size, fp16_reference_bytes, load_quantized, nominal_bits, read_layout
+from .features import FeatureTap, first_tensor
 from .finetune import distill
 from .hadamard import fwht, hadamard_matrix, next_pow2, rotate, unrotate
 from .layers import LayerSpec, MatMul, QuantMatmul, QuantWeightLayer, quant_modules, set_mode
@@ -20,9 +21,9 @@ from .quantizer import UniformQuantizer, fake_quant
 from .select import Decision, SelectionRule, plan, summarize
 
 __all__ = [
-    "METHODS", "Decision", "LayerSpec", "MatMul", "QuantMatmul", "QuantWeightLayer", "QuantizationResult",
+    "METHODS", "Decision", "FeatureTap", "LayerSpec", "MatMul", "QuantMatmul", "QuantWeightLayer", "QuantizationResult",
     "QuantizeConfig", "SelectionRule", "UniformQuantizer", "default_forward", "distill", "export_quantized",
-    "export_size", "fake_quant", "fp16_reference_bytes", "fwht", "hadamard_matrix", "load_quantized", "next_pow2",
+    "export_size", "fake_quant", "first_tensor", "fp16_reference_bytes", "fwht", "hadamard_matrix", "load_quantized", "next_pow2",
     "nominal_bits", "pack_bits", "plan", "quant_modules", "quantize", "read_layout", "rotate", "set_mode",
     "summarize", "unpack_bits", "unrotate",
 ]

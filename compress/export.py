@@ -34,7 +34,7 @@ FORMAT = "compress-packed"
 VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 LAYOUT_FILE = "layout.json"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # storage dtypes, by name
 _PACKED = ("codes", "zero_codes", "scales", "mask")
 _QUANTIZERS = ("aq", "qa", "qb")
 
@@ -55,7 +55,7 @@ def _entries(model: nn.Module):
     modules = dict(quant_modules(model))
     seen: set[str] = set()
     for key, value in model.state_dict().items():
-        owner, leaf = key.rpartition(".")[0], key.rpartition(".")[2]
+        owner = key.rpartition(".")[0]
         while owner and owner not in modules:
             owner = owner.rpartition(".")[0]
         module = modules.get(owner) if owner else None

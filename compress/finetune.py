@@ -19,40 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return first_tensor(out[0])
-    if hasattr(out, "sample"):
-        return out.sample
-    raise TypeError(f"cannot find a tensor in a {type(out).__name__} output")
-
-
-class FeatureTap:
-    """Forward hooks that keep the (first tensor) outputs of named modules during one forward pass."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        self.features: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise KeyError(f"feature modules not in the model: {missing[:5]} (of {len(missing)})")
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name):
-        def hook(_module, _args, out):
-            self.features[name] = first_tensor(out)
-        return hook
-
-    def pop(self) -> dict[str, torch.Tensor]:
-        features, self.features = self.features, {}
-        return features
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+from .features import FeatureTap, first_tensor
 
 
 def distill_loss(out: torch.Tensor, target: torch.Tensor, features: dict[str, torch.Tensor],

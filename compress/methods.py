@@ -24,12 +24,12 @@ from torch import nn
 
 from . import rectifier as rect
 from .calibrate import activation_quantizer_list, init_activation_bounds, init_weight_bounds, observe
+from .export import DTYPES
 from .finetune import distill
 from .layers import LayerSpec, QuantMatmul, QuantWeightLayer, quant_modules, replace_module
 from .select import Decision, SelectionRule, execution_order, plan
 
 METHODS = ("minmax", "2dquant", "compsrt", "spr2q")
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def default_forward(model: nn.Module, batch):
@@ -91,8 +91,8 @@ class QuantizeConfig:
         for what, bits in (("wbits", self.wbits), ("abits", self.abits)):
             if bits is not None and not 2 <= bits <= 8:
                 raise ValueError(f"{what} must be in 2..8, got {bits}")
-        if self.float_dtype not in FLOAT_DTYPES:
-            raise ValueError(f"float_dtype must be one of {tuple(FLOAT_DTYPES)}, got {self.float_dtype!r}")
+        if self.float_dtype not in DTYPES:
+            raise ValueError(f"float_dtype must be one of {tuple(DTYPES)}, got {self.float_dtype!r}")
         if self.prune is not None and not 0 <= self.prune < 1:
             raise ValueError(f"prune must be in [0, 1), got {self.prune}")
         if self.bound_init is None:
@@ -104,7 +104,7 @@ class QuantizeConfig:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return FLOAT_DTYPES[self.float_dtype]
+        return DTYPES[self.float_dtype]
 
 
 @dataclass

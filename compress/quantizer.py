@@ -27,6 +27,31 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _GridClamp(torch.autograd.Function):
+    """clamp(x, 0, levels) whose gradient passes on the whole closed interval [0, levels] and stops outside.
+
+    The gradient of `torch.clamp` at exactly its bound is not a stable contract (torch 2.13 passes it, 2.14 does
+    not), and a code rounded into the lowest or highest bin sits exactly on the bound: with `clamp` the
+    straight-through estimator would silently lose those bins' gradient on some releases."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
+        ctx.save_for_backward((x >= 0) & (x <= levels))
+        return x.clamp(0, levels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
+def grid_clamp(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes clipped to 0..levels (see `_GridClamp` for the gradient)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.clamp(0, levels)
+    return _GridClamp.apply(x, levels)
+
+
 def ste_cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Round values to `dtype` precision (kept in x's dtype), identity backward."""
     if dtype is None or dtype == x.dtype:
@@ -52,13 +77,13 @@ def fake_quant(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, *
     scale, zero = quant_params(lo, hi, bits, delta_scale, delta_zero, scale_dtype)
     clipped = torch.clamp(x, lo, hi)
     if integer_zero:
-        zp = ste_round(-zero / scale).clamp(0, levels)
-        q = (ste_round(clipped / scale) + zp).clamp(0, levels)
+        zp = grid_clamp(ste_round(-zero / scale), levels)
+        q = grid_clamp(ste_round(clipped / scale) + zp, levels)
         return (q - zp) * scale
     if not (torch.is_grad_enabled() and clipped.requires_grad):
         # Inference: the same operations in place (activations are the big tensors here).
         return clipped.sub_(zero).div_(scale).round_().clamp_(0, levels).mul_(scale).add_(zero)
-    q = ste_round((clipped - zero) / scale).clamp(0, levels)
+    q = grid_clamp(ste_round((clipped - zero) / scale), levels)
     return q * scale + zero
 
 

@@ -10,16 +10,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_pipeline": "build",
-    "load_pipeline": "build",
-    "LoraSettings": "lora",
-    "SanaSRPipeline": "pipeline",
-    "one_step_restore": "pipeline",
-    "PRESETS": "presets",
-    "Preset": "presets",
-    "get_preset": "presets",
-    "PromptEmbedding": "text",
-    "TileSettings": "tiling",
+    "build_pipeline": "model.loading",
+    "load_pipeline": "model.loading",
+    "LoraSettings": "model.lora",
+    "SanaSRPipeline": "model.pipeline",
+    "one_step_restore": "model.pipeline",
+    "PRESETS": "model.presets",
+    "Preset": "model.presets",
+    "get_preset": "model.presets",
+    "PromptEmbedding": "model.text",
+    "TileSettings": "model.tiling",
 }
 
 __all__ = sorted(_EXPORTS)

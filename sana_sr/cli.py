@@ -7,15 +7,16 @@ import sys
 
 # command -> (module, one-line help). Modules are imported only when their command runs, so `--help` is instant.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("sana_sr.quickstart", "run the main job on the bundled photos with the tiny preset (CPU)"),
-    "upscale": ("sana_sr.upscale", "restore image files and folders"),
+    "quickstart": ("sana_sr.main_job.quickstart", "run the main job on the bundled photos with the tiny preset (CPU)"),
+    "upscale": ("sana_sr.model.upscale", "restore image files and folders"),
     "train": ("sana_sr.train.__main__", "train the one-step LoRA DiT (python -m sana_sr.train CONFIG ...)"),
-    "pretrain-tiny": ("sana_sr.tiny_base", "train the tiny preset's base weights from the bundled photos"),
-    "cost": ("sana_sr.cost", "parameters and MACs per component (meta device), latency and peak memory"),
+    "pretrain-tiny": ("sana_sr.train.pretrain_tiny", "train the tiny preset's base weights from the bundled photos"),
+    "cost": ("sana_sr.model.cost", "parameters and MACs per component (meta device), latency and peak memory"),
     "shards": ("sana_sr.data.shards", "image folders (LSDIR, FFHQ, any tree) -> webdataset tar shards"),
-    "compress": ("sana_sr.compress_cli", "low-bit quantization (CompSRT, SPR²Q, baselines) with a packed export"),
-    "publish": ("sana_sr.publish", "build a hub-ready folder with a model card from a run and upload it (one commit)"),
-    "prune": ("sana_sr.prune_cli", "prompt-aware structured pruning of the DiT (heads, channels, blocks)"),
+    "compress": ("sana_sr.quantization.compress", "low-bit quantization (CompSRT, SPR²Q, baselines) with a packed export"),
+    "evaluate": ("sana_sr.evaluation.evaluate", "score a model on RealSR / DRealSR / DIV2K-Val / LR folders (= eval/realsr.py)"),
+    "publish": ("sana_sr.publish.publish", "build a hub-ready folder with a model card from a run and upload it (one commit)"),
+    "prune": ("sana_sr.pruning.prune", "prompt-aware structured pruning of the DiT (heads, channels, blocks)"),
 }
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .atomic import atomic_file
+from sana_sr.atomic import atomic_file
 
-FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif"}
-EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
+              ".bmp": "BMP"}
+"""The one list of image file suffixes every command reads and writes, with Pillow's format for each."""
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
 _EXIF_ORIENTATION = 0x0112
 
@@ -56,6 +58,38 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
         8: lambda a: np.swapaxes(a, 0, 1)[::-1],
     }
     return np.ascontiguousarray(ops[orientation](array)) if orientation in ops else array
+
+
+def walk_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every file under the folder `root`, recursively, in sorted order; hidden files and folders are skipped.
+
+    Links to folders are followed (a tree of symlinked datasets works) and a link cycle is entered only once."""
+    root = Path(root)
+    visited = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        visited.add(os.path.realpath(dirpath))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in visited)
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in EXTENSIONS
+
+
+def find_images(inputs: list[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """(path, path relative to its input) of every image under the named folders, and each named file as it is
+    (whatever its suffix, even missing: reading it says what is wrong)."""
+    found = []
+    for name in inputs:
+        root = Path(name)
+        if root.is_dir():
+            found += [(path, path.relative_to(root)) for path in walk_files(root) if is_image_name(path)]
+        else:
+            found.append((root, Path(root.name)))
+    return found
 
 
 def _is_16bit_color(path: Path, im: Image.Image) -> bool:

@@ -2,7 +2,7 @@
 # Multi-node SANA-SR training: one Slurm task per node, each running `accelerate launch` with its own machine rank.
 #
 #   sbatch slurm/train_sana_sr.sh CONFIG [key.sub=value ...]
-#   sbatch --nodes=4 --time=48:00:00 slurm/train_sana_sr.sh configs/sana_0.6b.yaml optim.lr=1e-4
+#   sbatch --nodes=4 --time=48:00:00 slurm/train_sana_sr.sh sana_sr/configs/sana_0.6b.yaml optim.lr=1e-4
 #
 # Every #SBATCH default below can be overridden on the sbatch command line. Environment variables (exported to
 # the job by sbatch's default --export=ALL):

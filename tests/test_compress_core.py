@@ -6,8 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from compress import LayerSpec, QuantizeConfig, SelectionRule, fake_quant, fwht, hadamard_matrix, pack_bits, plan, quantize
-from compress import rotate, unpack_bits, unrotate
+from compress import (
+    LayerSpec,
+    QuantizeConfig,
+    SelectionRule,
+    fake_quant,
+    fwht,
+    hadamard_matrix,
+    pack_bits,
+    plan,
+    quantize,
+    rotate,
+    unpack_bits,
+    unrotate,
+)
 from compress.hadamard import next_pow2
 from compress.layers import QuantWeightLayer, magnitude_mask
 from compress.quantizer import UniformQuantizer

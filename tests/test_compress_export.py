@@ -8,8 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from compress import METHODS, LayerSpec, QuantizeConfig, SelectionRule, export_quantized, export_size
-from compress import fp16_reference_bytes, load_quantized, nominal_bits, quantize, read_layout
+from compress import (
+    METHODS,
+    LayerSpec,
+    QuantizeConfig,
+    SelectionRule,
+    export_quantized,
+    export_size,
+    fp16_reference_bytes,
+    load_quantized,
+    nominal_bits,
+    quantize,
+    read_layout,
+)
 from compress.layers import QuantWeightLayer, set_mode
 from compress.rectifier import attach, fuse
 from tests.compress_nets import one_thread, toy_batches, toy_model  # noqa: F401 (autouse fixture)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from sana_sr.color import adain, apply_color_fix, wavelet, wavelet_low_frequency
 from sana_sr.images import ImageError, load_image, save_image
+from sana_sr.model.color import adain, apply_color_fix, wavelet, wavelet_low_frequency
 
 from .conftest import load_photo
 from .image_zoo import BAD, GOOD, write_zoo
@@ -58,7 +58,7 @@ def test_failed_writes_leave_nothing(tmp_path, monkeypatch):
     Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
     image = load_image(path)
     with pytest.raises(ImageError, match="cannot write"):
-        save_image(tmp_path / "out.bmp", image)
+        save_image(tmp_path / "out.gif", image)
 
     def broken_save(self, *args, **kwargs):
         raise OSError("disk full")

@@ -16,9 +16,8 @@ from scipy import stats
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from sana_sr.metrics import MetricSuite, parse_metrics, psnr_y, rgb_to_y, ssim_y, to_8bit_levels
-from sana_sr.metrics import learned
-from sana_sr.metrics.niqe import aggd_fit, imresize, niqe, params_path
+from sana_sr.evaluation.metrics import MetricSuite, learned, parse_metrics, psnr_y, rgb_to_y, ssim_y, to_8bit_levels
+from sana_sr.evaluation.metrics.niqe import aggd_fit, imresize, niqe, params_path
 
 from .conftest import PHOTOS
 

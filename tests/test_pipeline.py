@@ -11,8 +11,7 @@ import torch
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 
 from sana_sr import LoraSettings, SanaSRPipeline, build_pipeline, get_preset
-from sana_sr.lora import LORA_WEIGHT_NAME, load_lora
-
+from sana_sr.model.lora import LORA_WEIGHT_NAME, load_lora
 
 
 def _params(module: torch.nn.Module) -> int:

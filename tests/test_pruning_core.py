@@ -13,13 +13,29 @@ import torch
 import torch_pruning as tp
 from diffusers import SanaTransformer2DModel
 
+from compress import FeatureTap
 from compress.pruning import (
-    BlockFeatures, BlockWidths, CostModel, DistillWeights, PrunedSanaTransformer2DModel, PruningPlan, Scores,
-    apply_plan, distillation_loss, feature_pairs, greedy_plan, merge_glu, meta_pruner, model_widths, score,
-    skeleton, split_glu, sync_heads, uniform_plan,
+    BlockWidths,
+    CostModel,
+    DistillWeights,
+    PrunedSanaTransformer2DModel,
+    PruningPlan,
+    Scores,
+    apply_plan,
+    distillation_loss,
+    feature_pairs,
+    greedy_plan,
+    merge_glu,
+    meta_pruner,
+    model_widths,
+    score,
+    skeleton,
+    split_glu,
+    sync_heads,
+    uniform_plan,
 )
-from compress.pruning.sana_dit import example_inputs, forward_fn
-from sana_sr.presets import get_preset
+from sana_sr.model.presets import get_preset
+from sana_sr.pruning.dit_structure import block_names, example_inputs, forward_fn
 
 
 def tiny_dit(seed: int = 0) -> SanaTransformer2DModel:
@@ -41,7 +57,7 @@ def run(model, x) -> torch.Tensor:
 
 def count(model) -> tuple[int, int]:
     """Params, and MACs by the project's counter (sana_sr.cost) at 8x8 latents and 6 text tokens."""
-    from sana_sr.cost import dit_cost
+    from sana_sr.model.cost import dit_cost
 
     c = dit_cost(model, (8, 8), 6)
     return c.params, c.macs
@@ -187,18 +203,18 @@ def test_distillation_loss_terms_and_gradients():
         kept_blocks=[0, 2], keep={(b, k): list(range(n)) for b in (0, 2)
                                   for k, n in (("heads", 2), ("cross_heads", 1), ("channels", 40))}))
     x = inputs(teacher)
-    with BlockFeatures(teacher) as tf, torch.no_grad():
+    with FeatureTap(teacher, block_names(teacher)) as tf, torch.no_grad():
         t_out = forward_fn(teacher, x)
-    with BlockFeatures(student) as sf:
+    with FeatureTap(student, block_names(student)) as sf:
         s_out = forward_fn(student, x)
-    assert len(tf.outputs) == 4 and len(sf.outputs) == 2
+    assert len(tf.ordered()) == 4 and len(sf.ordered()) == 2
     pairs = feature_pairs(student.config.kept_blocks)
     assert pairs == [(0, 0), (1, 2)]
-    loss, parts = distillation_loss(s_out, t_out, sf.outputs, tf.outputs, pairs, DistillWeights(1.0, 0.5))
+    loss, parts = distillation_loss(s_out, t_out, sf.ordered(), tf.ordered(), pairs, DistillWeights(1.0, 0.5))
     assert loss.item() == pytest.approx(parts["distill_output"] + 0.5 * parts["distill_features"], rel=1e-5)
     loss.backward()
     assert student.proj_out.weight.grad is not None and teacher.proj_out.weight.grad is None
-    same, _ = distillation_loss(t_out, t_out, tf.outputs, tf.outputs, feature_pairs(None, 4))
+    same, _ = distillation_loss(t_out, t_out, tf.ordered(), tf.ordered(), feature_pairs(None, 4))
     assert same.item() == 0.0
     with pytest.raises(ValueError, match="differ in shape"):
-        distillation_loss(s_out, t_out[:1], sf.outputs, tf.outputs, pairs)
+        distillation_loss(s_out, t_out[:1], sf.ordered(), tf.ordered(), pairs)

@@ -14,10 +14,10 @@ import torch
 
 from compress.pruning import PrunedSanaTransformer2DModel, load_pruned_transformer
 from sana_sr import SanaSRPipeline, build_pipeline, cost
-from sana_sr.calibration import calibration_batches
-from sana_sr.prune_cli import main as prune_main
-from sana_sr.prune_cli import parse_target
-from sana_sr.pruning import PruneSettings, importance_scores, prune_pipeline
+from sana_sr.data.calibration_pairs import calibration_batches
+from sana_sr.pruning.prompt_aware import PruneSettings, importance_scores, prune_pipeline
+from sana_sr.pruning.prune import main as prune_main
+from sana_sr.pruning.prune import parse_target
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "pruning.md"
 
@@ -57,7 +57,7 @@ def test_tiny_dit_to_half_its_parameters_reloads_bit_identical(pipe, batches, ta
 
     p.save_pretrained(tmp_path / "pruned")
     index = json.loads((tmp_path / "pruned" / "model_index.json").read_text())
-    assert index["transformer"] == ["compress.pruning.model", "PrunedSanaTransformer2DModel"]
+    assert index["transformer"] == ["sana_sr.pruning.model", "PrunedSanaTransformer2DModel"]
     reloaded = SanaSRPipeline.from_pretrained(tmp_path / "pruned")
     reloaded.set_progress_bar_config(disable=True)
     assert torch.equal(_restore(reloaded, batches), out)
@@ -145,7 +145,7 @@ def test_sana_06b_dit_to_344m_params_on_the_meta_device(tmp_path):
 def test_a_lora_on_the_pruned_dit_saves_and_reloads(pipe, batches, tmp_path):
     """The recovery fine-tune may train a LoRA on the pruned DiT: the adapter rides along like on the unpruned one."""
     from sana_sr import LoraSettings
-    from sana_sr.lora import add_lora
+    from sana_sr.model.lora import add_lora
 
     from .conftest import randomize_lora
 
@@ -173,8 +173,8 @@ def test_calibration_pairs_are_seeded_real_crops_with_prompts():
 
 def test_a_pruned_pipeline_compresses_and_reloads(pipe, tmp_path):
     """prune -> compress -> load_pipeline: the packed loader rebuilds the pruned widths, not the preset's."""
-    from sana_sr.build import load_pipeline
-    from sana_sr.compress_cli import main as compress_main
+    from sana_sr.model.loading import load_pipeline
+    from sana_sr.quantization.compress import main as compress_main
 
     pipe.save_pretrained(tmp_path / "base")
     assert prune_main([str(tmp_path / "base"), "--out", str(tmp_path / "pruned"), "--target-params", "0.5",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from sana_sr.build import load_pipeline
-from sana_sr.publish import PublishError, main, validate_card
+from sana_sr.model.loading import load_pipeline
+from sana_sr.publish.publish import PublishError, main, validate_card
 
 from .slurm_cluster import free_ports
 from .train_helpers import REPO
@@ -19,7 +19,7 @@ from .train_helpers import REPO
 @pytest.fixture(scope="module")
 def run_dir(tiny_pipe, tmp_path_factory):
     """A run folder as the main job leaves it: the trained pipeline, its config, an evaluation, a compressed variant."""
-    from sana_sr.compress_cli import main as compress
+    from sana_sr.quantization.compress import main as compress
 
     run = tmp_path_factory.mktemp("run")
     tiny_pipe.save_pretrained(run / "train" / "final" / "pipeline")

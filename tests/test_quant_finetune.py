@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compress import METHODS, QuantizeConfig, quantize
-from sana_sr.train.quant import QuantLoopSettings, finetune_on_loop
+from sana_sr.quantization.finetune import QuantLoopSettings, finetune_on_loop
 from tests.compress_nets import one_thread, toy_batches, toy_model  # noqa: F401 (autouse fixture)
 
 from .slurm_cluster import free_ports
@@ -52,7 +52,7 @@ def test_compress_on_two_processes_synchronises(tmp_path):
         assert [r["samples"] for r in ranks] == [2 * steps, 2 * steps]  # batch 2, one batch per rank per step
     assert not out.with_name("q.work").exists()  # removed once the export is in place
 
-    from sana_sr.quantized import load_quantized_pipeline
+    from sana_sr.quantization.folder import load_quantized_pipeline
 
     pipe = load_quantized_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
@@ -81,7 +81,7 @@ def test_stopped_compress_resumes_to_the_same_bytes(tmp_path):
 
 
 def test_work_folder_of_another_run_is_refused(tmp_path, capsys):
-    from sana_sr.compress_cli import main
+    from sana_sr.quantization.compress import main
 
     args = ["tiny", "-o", str(tmp_path / "q"), *CALIB]
     work = tmp_path / "q.work"

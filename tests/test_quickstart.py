@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 
-from sana_sr.quickstart import COMPRESSED, STAGES
+from sana_sr.main_job.stages import COMPRESSED, STAGES
+from sana_sr.run_folder import RunFolder
 
 from .train_helpers import REPO, metrics, train_env
 
@@ -23,8 +24,8 @@ def test_main_job_runs_every_stage_and_beats_bicubic(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=train_env(), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"quickstart report: {out / 'report' / 'report.md'}" in result.stdout
-    for name, (_, marker) in STAGES.items():
-        assert (out / marker).exists(), f"stage {name} left no {marker}"
+    for name, (_, done) in STAGES.items():
+        assert done(RunFolder(out)).exists(), f"stage {name} left no {done(RunFolder(out))}"
     for figure in ("loss.png", "quality_vs_size.png", "samples_trained.png", f"samples_{list(COMPRESSED)[0]}.png"):
         assert (out / "report" / figure).stat().st_size > 1000, figure
 

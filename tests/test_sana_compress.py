@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from compress import QuantizeConfig
-from sana_sr.calibration import calibration_batches
-from sana_sr.compress_cli import compress_pipeline, latent_batches, main
-from sana_sr.quant_sana import LatentRestorer, fold_timestep, install_matmul_sites
-from sana_sr.quantized import load_quantized_pipeline
+from sana_sr.data.calibration_pairs import calibration_batches
+from sana_sr.quantization.compress import compress_pipeline, latent_batches, main
+from sana_sr.quantization.folder import load_quantized_pipeline
+from sana_sr.quantization.sana import LatentRestorer, fold_timestep, install_matmul_sites
 from tests.compress_nets import one_thread  # noqa: F401 (autouse fixture)
 from tests.conftest import ASSETS
 
@@ -39,7 +39,7 @@ def test_matmul_sites_and_folding_leave_the_model_unchanged(tiny_pipe, calib):
 
 @pytest.mark.parametrize("wbits, abits, ratio", [(4, 4, 3.5), (2, 2, 6.0)])
 def test_tiny_model_file_is_smaller_than_fp16(tiny_pipe, calib, wbits, abits, ratio, tmp_path):
-    from sana_sr.quantized import save_quantized_pipeline
+    from sana_sr.quantization.folder import save_quantized_pipeline
 
     pipe = copy.deepcopy(tiny_pipe)
     config = QuantizeConfig(method="minmax", wbits=wbits, abits=abits)
@@ -73,8 +73,9 @@ def test_cli_compresses_reloads_exactly_and_upscales(tiny_pipe, tmp_path, capsys
     assert first.shape == (1, 3, 64, 96) and torch.isfinite(first).all()
     assert torch.equal(first, second)
 
-    from sana_sr import upscale
     from PIL import Image
+
+    from sana_sr import upscale
 
     Image.fromarray((lq[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "lq.png")
     assert upscale.main([str(tmp_path / "lq.png"), "-o", str(tmp_path / "sr"), "--model", str(out_dir)]) == 0
@@ -82,7 +83,7 @@ def test_cli_compresses_reloads_exactly_and_upscales(tiny_pipe, tmp_path, capsys
 
 
 def test_compress_in_memory_equals_reloaded(tiny_pipe, calib, tmp_path):
-    from sana_sr.quantized import save_quantized_pipeline
+    from sana_sr.quantization.folder import save_quantized_pipeline
 
     pipe = copy.deepcopy(tiny_pipe)
     config = QuantizeConfig(method="compsrt", wbits=4, abits=4, steps=2)

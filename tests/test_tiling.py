@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from sana_sr import TileSettings, build_pipeline
-from sana_sr.tiling import gaussian_window, tile_starts, tiled_apply
+from sana_sr.model.tiling import gaussian_window, tile_starts, tiled_apply
 
 from .conftest import load_photo
 
-# Peak resident memory for a 2048x2048 output with the tiny preset on CPU (README states it): measured 1.3 GiB,
-# of which ~0.45 GiB is the interpreter, torch and the model before the restoration starts.
-PEAK_RSS_BOUND_MIB = 1536
+# Growth of the peak resident memory while restoring 512x512 -> 2048x2048 with the tiny preset on CPU, above what the
+# interpreter, torch and the loaded model already hold (that part grows with the torch build: 2.14's CUDA wheel
+# loads more than 2.13's CPU one). Measured 0.83 GiB (README); an untiled 2048x2048 restoration would need far more.
+PEAK_GROWTH_BOUND_MIB = 1024
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(10, 4, 1), (64, 32, 8), (100, 32, 16), (32, 32, 8), (5, 8, 2)])
@@ -74,11 +75,11 @@ def test_tiled_restoration_agrees_with_untiled():
 
 
 def test_2048_output_has_bounded_peak_memory():
-    """A fresh process restores 512x512 -> 2048x2048 with default tiling; its peak RSS stays under the bound."""
+    """A fresh process restores 512x512 -> 2048x2048 with default tiling; its peak RSS grows by less than the bound."""
     result = subprocess.run(
-        [sys.executable, "-m", "sana_sr.memprobe", "--lq", "512", "--tile", "1024"],
+        [sys.executable, "-m", "tests.memprobe", "--lq", "512", "--tile", "1024"],
         capture_output=True, text=True, timeout=600, check=True,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["output"] == [1, 3, 2048, 2048]
-    assert report["peak_rss_mib"] < PEAK_RSS_BOUND_MIB, report
+    assert report["peak_rss_mib"] - report["peak_rss_mib_before"] < PEAK_GROWTH_BOUND_MIB, report

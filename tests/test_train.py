@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from .slurm_cluster import free_ports
-from .train_helpers import TINY_ARGS, REPO, accelerate_launch, final_lora, make_shards, metrics, run, run_until
-from .train_helpers import write_photo_crops
+from .train_helpers import (
+    REPO,
+    TINY_ARGS,
+    accelerate_launch,
+    final_lora,
+    make_shards,
+    metrics,
+    run,
+    run_until,
+    write_photo_crops,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,17 @@ GLUMBConv hidden channels and whole blocks; the residual width stays. Imports no
 See docs/pruning.md.
 """
 
-from .distill import BlockFeatures, DistillWeights, distillation_loss, feature_pairs
+from sana_sr.pruning.dit_structure import BlockWidths, SplitGLUMBConv, merge_glu, model_widths, split_glu, sync_heads
+from sana_sr.pruning.model import PrunedSanaTransformer2DModel, as_pruned_model, load_pruned_transformer, pruned_config
+
+from .distill import DistillWeights, distillation_loss, feature_pairs
 from .graph import PrunableLayer, SanaDependencyGraph, meta_pruner
 from .importance import Scores, block_gates, magnitude_scores, taylor_scores
-from .model import PrunedSanaTransformer2DModel, as_pruned_model, load_pruned_transformer, pruned_config
 from .plan import STRUCTURES, Cost, CostModel, PruningPlan, greedy_plan, uniform_plan
 from .prune import apply_plan, score, skeleton
-from .sana_dit import BlockWidths, SplitGLUMBConv, merge_glu, model_widths, split_glu, sync_heads
 
 __all__ = [
-    "STRUCTURES", "BlockFeatures", "BlockWidths", "Cost", "CostModel", "DistillWeights", "PrunableLayer",
+    "STRUCTURES", "BlockWidths", "Cost", "CostModel", "DistillWeights", "PrunableLayer",
     "PrunedSanaTransformer2DModel", "PruningPlan", "SanaDependencyGraph", "Scores", "SplitGLUMBConv",
     "apply_plan", "as_pruned_model", "block_gates", "distillation_loss", "feature_pairs", "greedy_plan",
     "load_pruned_transformer", "magnitude_scores", "merge_glu", "meta_pruner", "model_widths", "pruned_config",

@@ -3,9 +3,9 @@
 The pruned model keeps the residual width, so block i of the student and block `kept_blocks[i]` of the teacher
 produce features of the same shape: they are compared directly, no projection layers to train.
 
-    with BlockFeatures(student) as s_feats, BlockFeatures(teacher) as t_feats:
+    with FeatureTap(student, blocks) as s_feats, FeatureTap(teacher, teacher_blocks) as t_feats:
         student_out = student(...); teacher_out = teacher(...)       # teacher under torch.no_grad()
-    loss, parts = distillation_loss(student_out, teacher_out, s_feats.outputs, t_feats.outputs,
+    loss, parts = distillation_loss(student_out, teacher_out, s_feats.ordered(), t_feats.ordered(),
                                     feature_pairs(student.config.kept_blocks), DistillWeights())
 """
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 @dataclass
@@ -77,25 +76,3 @@ def distillation_loss(
     loss = weights.output * out_term + weights.features * feat_term
     parts = {"distill_output": out_term.item(), "distill_features": feat_term.item(), "distill": loss.item()}
     return loss, parts
-
-
-class BlockFeatures:
-    """Context manager that records the output of every transformer block of a SANA DiT, in call order."""
-
-    def __init__(self, model: nn.Module):
-        self.blocks = model.transformer_blocks
-        self.outputs: list[torch.Tensor] = []
-        self._handles = []
-
-    def _hook(self, module, args, output):
-        self.outputs.append(output[0] if isinstance(output, tuple) else output)
-
-    def __enter__(self) -> BlockFeatures:
-        self.outputs.clear()
-        self._handles = [b.register_forward_hook(self._hook) for b in self.blocks]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

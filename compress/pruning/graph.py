@@ -27,7 +27,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .sana_dit import KINDS, SplitGLUMBConv, blocks_of, example_inputs, forward_fn, head_dims, sync_heads
+from sana_sr.pruning.dit_structure import (
+    KINDS,
+    SplitGLUMBConv,
+    blocks_of,
+    example_inputs,
+    forward_fn,
+    head_dims,
+    sync_heads,
+)
 
 
 @dataclass(frozen=True)

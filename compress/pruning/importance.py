@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sana_sr.pruning.dit_structure import blocks_of
+
 from .graph import PrunableLayer, SanaDependencyGraph
-from .sana_dit import blocks_of
 
 
 @dataclass
@@ -42,16 +43,6 @@ class Scores:
         return {"method": self.method, "batches": self.batches, "losses": self.losses,
                 "blocks": self.blocks.tolist(),
                 "units": {f"{b}/{k}": v.tolist() for (b, k), v in sorted(self.units.items())}}
-
-    @classmethod
-    def from_json(cls, data: dict) -> Scores:
-        units = {}
-        for key, values in data["units"].items():
-            b, k = key.split("/")
-            units[(int(b), k)] = torch.tensor(values, dtype=torch.float64)
-        return cls(units, torch.tensor(data["blocks"], dtype=torch.float64), data["method"], data.get("batches", 0),
-                   data.get("losses", []))
-
 
 def unit_sums(graph: SanaDependencyGraph, layer: PrunableLayer,
               stat: Callable[[nn.Parameter], torch.Tensor]) -> torch.Tensor:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sana_sr.pruning.dit_structure import KINDS, BlockWidths
+
 from .importance import Scores
-from .sana_dit import KINDS, BlockWidths
 
 STRUCTURES = ("heads", "cross_heads", "channels", "depth")
 METRICS = ("params", "macs")
@@ -291,6 +292,3 @@ def uniform_plan(widths: Sequence[BlockWidths], costs: CostModel, target: float,
                   "importance": scores.method if scores is not None else "none (structural)"}
     return plan
 
-
-def relative_error(predicted: float, target: float) -> float:
-    return abs(predicted - target) / target if target else math.inf

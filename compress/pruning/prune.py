@@ -14,11 +14,20 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from sana_sr.pruning.dit_structure import (
+    BlockWidths,
+    blocks_of,
+    check_supported,
+    merge_glu,
+    model_widths,
+    split_glu,
+    sync_heads,
+)
+from sana_sr.pruning.model import PrunedSanaTransformer2DModel, as_pruned_model
+
 from .graph import SanaDependencyGraph
 from .importance import Scores, magnitude_scores, taylor_scores
-from .model import PrunedSanaTransformer2DModel, as_pruned_model
 from .plan import PruningPlan
-from .sana_dit import BlockWidths, blocks_of, check_supported, merge_glu, model_widths, split_glu, sync_heads
 
 
 def score(model: nn.Module, method: str, loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,

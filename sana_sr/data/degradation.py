@@ -24,9 +24,9 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 
-from .degradation_config import DegradationConfig
-from .jpeg import jpeg_compress, jpeg_kornia
-from .queue import TrainingPairQueue
+from sana_sr.data.degradation_config import DegradationConfig
+from sana_sr.data.jpeg import jpeg_compress, jpeg_kornia
+from sana_sr.data.queue import TrainingPairQueue
 
 __all__ = ["DegradationConfig", "RealESRGANDegradation", "filter2d", "usm_sharpen", "gaussian_taps"]
 
@@ -263,7 +263,7 @@ def degrade_images(hq: torch.Tensor, seed: int, config: DegradationConfig | None
     """
     import numpy as np
 
-    from .kernels import draw_kernels
+    from sana_sr.data.kernels import draw_kernels
 
     config = replace(config or DegradationConfig(), queue_size=0, gt_size=None, usm=False)
     rng = np.random.default_rng(seed)

@@ -34,9 +34,6 @@ class TrainingPairQueue:
         self.filled = 0
         self.pool: dict[str, torch.Tensor | list] = {}
 
-    def reset(self) -> None:
-        self.capacity, self.filled, self.pool = 0, 0, {}
-
     def state_dict(self) -> dict:
         """The pool's content: a resumed run draws from the same rows as an uninterrupted one."""
         pool = {k: v.cpu() if isinstance(v, torch.Tensor) else list(v) for k, v in self.pool.items()}

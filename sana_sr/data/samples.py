@@ -23,11 +23,12 @@ from PIL import Image, ImageOps
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
-from .kernels import KernelDrawConfig, draw_kernels
+from sana_sr.data.kernels import KernelDrawConfig, draw_kernels
+from sana_sr.images import EXTENSIONS
 
 log = logging.getLogger("sana_sr.data")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "ppm")
+IMAGE_EXTENSIONS = tuple(suffix[1:] for suffix in EXTENSIONS)  # shard member names: the one list of suffixes
 _EXIF_ORIENTATION = 0x0112
 
 

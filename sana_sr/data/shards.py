@@ -32,11 +32,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..atomic import atomic_file
-from ..images import decode_errors
-from .sources import SourceError, SourceImage, attach_captions, attach_embeddings, discover, load_caption_map
+from sana_sr.atomic import atomic_file
+from sana_sr.data.sources import (
+    SourceError,
+    SourceImage,
+    attach_captions,
+    attach_embeddings,
+    discover,
+    load_caption_map,
+)
+from sana_sr.images import FORMATS as IMAGE_FORMATS
+from sana_sr.images import decode_errors
 
-FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp", "PPM": "ppm"}
+FORMATS = {fmt: suffix[1:] for fmt, suffix in IMAGE_FORMATS.items()}  # PIL format -> shard member extension
 REENCODE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm"}
+from sana_sr.images import EXTENSIONS, walk_files
+
 SIDECAR_SUFFIXES = {".txt", ".json", ".npy", ".npz", ".csv", ".md"}
 _PATH_COLUMNS = ("path", "file", "file_name", "filename", "image", "key")
 _CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -76,18 +77,10 @@ def discover(inputs: list[str | os.PathLike]) -> Discovery:
         if root.is_file() or (root.is_symlink() and not root.is_dir()):
             candidates = [(root.name, root)]
         else:
-            candidates = []
-            visited = set()
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                # Following links is what makes a tree of symlinked datasets work; a link cycle must not loop.
-                visited.add(os.path.realpath(dirpath))
-                dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in visited)
-                for name in filenames:
-                    path = Path(dirpath) / name
-                    candidates.append((path.relative_to(root).as_posix(), path))
+            candidates = [(path.relative_to(root).as_posix(), path) for path in walk_files(root)]
         for rel, path in candidates:
             suffix = path.suffix.lower()
-            if suffix in IMAGE_SUFFIXES:
+            if suffix in EXTENSIONS:
                 found.append((f"{prefix}/{rel}" if prefix else rel, path))
             elif suffix not in SIDECAR_SUFFIXES and not path.name.startswith("."):
                 ignored += 1

@@ -49,8 +49,8 @@ from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
-from .degradation_config import DegradationConfig
-from .samples import DecodeSettings, SkipCounter, batches, collate, decode_sample, read_shard
+from sana_sr.data.degradation_config import DegradationConfig
+from sana_sr.data.samples import DecodeSettings, SkipCounter, batches, collate, decode_sample, read_shard
 
 MODES = ("resampled", "exact")
 _DEFAULT: DegradationConfig = DegradationConfig()  # a sentinel: "not given" (None means "no kernels")

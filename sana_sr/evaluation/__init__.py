@@ -1,7 +1,7 @@
 """Distributed Real-ISR evaluation (`accelerate launch eval/realsr.py`): datasets, the sharded run, reports."""
 
-from .datasets import Dataset, DatasetError, Sample, find_layout, lr_only_dataset, paired_dataset
-from .runner import EvalConfig, run
+from sana_sr.evaluation.datasets import Dataset, DatasetError, Sample, find_layout, lr_only_dataset, paired_dataset
+from sana_sr.evaluation.runner import EvalConfig, run
 
 __all__ = [
     "Dataset",

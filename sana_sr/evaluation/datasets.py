@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..images import EXTENSIONS
+from sana_sr.images import EXTENSIONS, is_image_name, walk_files
 
 # Sub-folder pairs (HR, LR) recognised under a dataset root, in order of preference.
 KNOWN_LAYOUTS = (("test_HR", "test_LR"), ("HR", "LR"), ("GT", "LQ"), ("gt", "lq"), ("hr", "lr"))
@@ -66,11 +66,7 @@ def list_images(folder: Path, role: str) -> list[Path]:
         raise DatasetError(f"{role} folder {folder} does not exist")
     if not folder.is_dir():
         raise DatasetError(f"{role} path {folder} is not a folder")
-    images = sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    images = [p for p in walk_files(folder) if is_image_name(p)]
     if not images:
         raise DatasetError(
             f"{role} folder {folder} has no images (looked for {', '.join(sorted(EXTENSIONS))}, recursively)"

@@ -17,22 +17,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..atomic import atomic_directory
-from ..images import ImageError, load_image
-from .datasets import DatasetError, list_images
+from sana_sr.atomic import atomic_directory
+from sana_sr.evaluation.datasets import DatasetError, list_images
+from sana_sr.images import ImageError, load_image
 
 MANIFEST = "manifest.json"
 
 
 def _degradation_config(scale: int):
-    from ..data.degradation_config import DegradationConfig
+    from sana_sr.data.degradation_config import DegradationConfig
 
     return DegradationConfig(scale=scale)
 
 
 def degrade_one(config, hq: torch.Tensor, seed: int) -> torch.Tensor:
     """LQ (1, 3, H/s, W/s) in [0, 1] from HQ (1, 3, H, W) in [0, 1], every random draw from `seed`."""
-    from ..data.degradation import degrade_images
+    from sana_sr.data.degradation import degrade_images
 
     return degrade_images(hq, seed, config)
 

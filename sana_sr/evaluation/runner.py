@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import sys
 import time
 from contextlib import ExitStack
@@ -21,13 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..atomic import atomic_directory, atomic_file
-from ..images import ImageError, load_image
-from ..metrics import MetricSuite, parse_metrics, to_8bit_levels
-from . import report
-from .datasets import Dataset, DatasetError, find_layout, lr_only_dataset, paired_dataset
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from sana_sr.atomic import atomic_directory, atomic_file
+from sana_sr.distributed import DistConfig, build_accelerator
+from sana_sr.dtypes import DTYPES
+from sana_sr.evaluation import results
+from sana_sr.evaluation.datasets import Dataset, DatasetError, find_layout, lr_only_dataset, paired_dataset
+from sana_sr.evaluation.metrics import MetricSuite, parse_metrics, to_8bit_levels
+from sana_sr.images import ImageError, load_image
 
 
 @dataclass
@@ -95,28 +94,19 @@ class EvalConfig:
 
 
 def _accelerator(device: str):
-    from accelerate import Accelerator
-
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    # A plain Accelerator() under several CPU processes gives unsynchronised copies that each think they are
-    # rank 0 (measured with accelerate 1.15); cpu=True gives real gloo data parallelism.
-    accelerator = Accelerator(cpu=use_cpu)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise RuntimeError(
-            f"the launcher started {launched} processes but Accelerate sees {accelerator.num_processes}: "
-            "launch with `accelerate launch --multi_gpu --num_processes N` (CPU: add --device cpu)"
-        )
-    return accelerator
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    # The trainer's set-up: plain DDP (gloo on CPU), one sample per step, no mixed precision (dtypes are ours).
+    return build_accelerator(DistConfig(cpu=use_cpu, mixed_precision="no"), accumulation=1, micro_batch=1,
+                             grad_clip=0.0)
 
 
 def _dataset(config: EvalConfig, scale: int, accelerator) -> Dataset:
     if config.div2k_gt is not None:
         from accelerate.utils import broadcast_object_list
 
-        from .div2k import cache_folder, prepare_lq
+        from sana_sr.evaluation.div2k import cache_folder, prepare_lq
 
         error = [None]
         if accelerator.is_main_process:  # generate once; the others wait at the broadcast
@@ -139,7 +129,7 @@ def _dataset(config: EvalConfig, scale: int, accelerator) -> Dataset:
 
 def _restore_one(pipe, config: EvalConfig, suite: MetricSuite, sample, scale: int, device) -> tuple[dict, bytes | None]:
     """Restore and score one sample: (row, SR PNG bytes), or a row with the error and no bytes."""
-    from ..tiling import TileSettings
+    from sana_sr.model.tiling import TileSettings
 
     row: dict = {"name": sample.name, "lq": str(sample.lq), "hq": str(sample.hq) if sample.hq else None}
     try:
@@ -183,7 +173,7 @@ def run(config: EvalConfig) -> int:
     """Evaluate; returns 0, or 1 when some images failed. Raises DatasetError / ValueError for bad input."""
     from tqdm import tqdm
 
-    from ..build import load_pipeline
+    from sana_sr.model.loading import load_pipeline
 
     started = time.time()
     # The data are checked before the process group and the (possibly slow) model load whenever the scale is
@@ -259,7 +249,7 @@ def run(config: EvalConfig) -> int:
 def _write_reports(out: Path, config: EvalConfig, pipe, dataset: Dataset, samples: list, rows: list[dict],
                    suite: MetricSuite, scale: int, crop_border: int, world: int, device, started: float) -> None:
     """FID (needs the finished sr/ folder), then per_image.csv, summary.json and results.md. Main process only."""
-    from ..presets import PRESETS
+    from sana_sr.model.presets import PRESETS
 
     set_values = suite.score_sets(out / "sr" if config.save_images else None, dataset.hr_dir)
     summary = {
@@ -268,16 +258,16 @@ def _write_reports(out: Path, config: EvalConfig, pipe, dataset: Dataset, sample
         "dataset": {"name": dataset.name, "kind": dataset.kind, "lr_dir": str(dataset.lr_dir),
                     "hr_dir": str(dataset.hr_dir) if dataset.hr_dir else None, "scale": scale,
                     "crop_border": crop_border, "images": len(samples)},
-        "metrics": report.summarize(rows, suite.available, set_values),
+        "metrics": results.summarize(rows, suite.available, set_values),
         "unavailable": suite.unavailable,
         "failed_images": [r["name"] for r in rows if r.get("error")],
-        "run": {"world_size": world, "device": report.device_description(device),
+        "run": {"world_size": world, "device": results.device_description(device),
                 "seconds": round(time.time() - started, 2), "config": _jsonable(asdict(config))},
-        "versions": report.versions(),
+        "versions": results.versions(),
     }
-    report.write_csv(out / "per_image.csv", rows, suite.available)
-    report.write_json(out / "summary.json", summary)
-    report.write_markdown(out / "results.md", summary)
+    results.write_csv(out / "per_image.csv", rows, suite.available)
+    results.write_json(out / "summary.json", summary)
+    results.write_markdown(out / "results.md", summary)
     print(f"results: {out.resolve()}/results.md", file=sys.stderr)
 
 
@@ -288,7 +278,7 @@ def _write_grid(grid_dir: Path, sample, png: bytes) -> None:
     path = grid_dir / f"{sample.name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        Image.fromarray(report.make_grid(lq, sr, hq)).save(tmp, format="PNG")
+        Image.fromarray(results.make_grid(lq, sr, hq)).save(tmp, format="PNG")
 
 
 def _check_once(rows: list[dict], samples: list) -> None:
@@ -307,7 +297,7 @@ def _saved_upscale(model: str) -> int | None:
     """The model's upscale factor when it can be read without loading it (presets, local folders)."""
     import json
 
-    from ..presets import PRESETS
+    from sana_sr.model.presets import PRESETS
 
     if model in PRESETS:
         return 4
@@ -318,7 +308,7 @@ def _saved_upscale(model: str) -> int | None:
 
 
 def _has_lora(pipe) -> bool:
-    from ..lora import has_lora
+    from sana_sr.model.lora import has_lora
 
     return has_lora(pipe.transformer)
 

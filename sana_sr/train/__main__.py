@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     path = args.pop(0) if args and "=" not in args[0] else None
 
-    from .config import ConfigError, load_config
+    from sana_sr.train.config import ConfigError, load_config
 
     try:
         config = load_config(path, args)
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from .trainer import Trainer
+    from sana_sr.train.trainer import Trainer
 
     try:
         try:

@@ -23,8 +23,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
-from ..atomic import atomic_file
-from ..lora import has_lora, save_lora
+from sana_sr.atomic import atomic_file
+from sana_sr.model.lora import has_lora, save_lora
 
 _NAME = re.compile(r"^checkpoint-(\d{8})$")
 

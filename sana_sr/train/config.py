@@ -6,12 +6,14 @@ key in the message (OmegaConf structured configs); cross-field checks live in `_
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.degradation_config import DegradationConfig
+import tomllib
+
+from sana_sr.data.degradation_config import DegradationConfig
+from sana_sr.distributed import DistConfig
 
 
 @dataclass
@@ -137,24 +139,6 @@ class OptimConfig:
                 f"{world_size} x an integer accumulation"
             )
         return self.global_batch_size // per_step
-
-
-@dataclass
-class DistConfig:
-    strategy: str = "ddp"
-    """`ddp` (gloo on CPU, NCCL on GPU) or `deepspeed`."""
-    deepspeed_config: str = "slurm/deepspeed_zero2.json"
-    """DeepSpeed config file (`auto` values are filled by Accelerate); relative paths are from the repo root."""
-    mixed_precision: str = "auto"
-    """`auto` (bf16 on GPU, none on CPU), `bf16` or `no`."""
-    cpu: bool = False
-    """Train on CPU even when a GPU is present."""
-
-    def __post_init__(self) -> None:
-        if self.strategy not in ("ddp", "deepspeed"):
-            raise ValueError(f"dist.strategy must be 'ddp' or 'deepspeed', got {self.strategy!r}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(f"dist.mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
 
 
 @dataclass

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType, set_seed
 
-from ..atomic import atomic_file
-from .checkpoint import keep_only_trainable, load_checkpoint, resolve_resume, save_checkpoint
-from .config import CheckpointConfig, DistConfig, LogConfig, OptimConfig
-from .distributed import build_accelerator
-from .tracking import REQUEUE_EXIT_CODE, MetricsLog, StopRequest, tracker_names
+from sana_sr.atomic import atomic_file
+from sana_sr.distributed import build_accelerator
+from sana_sr.train.checkpoint import keep_only_trainable, load_checkpoint, resolve_resume, save_checkpoint
+from sana_sr.train.config import CheckpointConfig, DistConfig, LogConfig, OptimConfig
+from sana_sr.train.tracking import REQUEUE_EXIT_CODE, MetricsLog, StopRequest, tracker_names
 
 
 @dataclass

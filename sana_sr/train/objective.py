@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..pipeline import SanaSRPipeline, bicubic_upsample, one_step_restore, predict_velocity
-from .config import LossConfig
+from sana_sr.model.pipeline import SanaSRPipeline, bicubic_upsample, one_step_restore, predict_velocity
+from sana_sr.train.config import LossConfig
 
 
 @contextmanager
@@ -114,15 +114,18 @@ class SRObjective:
 
     def distilled_step(self, model, transformer, z_lq, prompt_embeds, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's one step, and its weighted distillation loss against the teacher on the same input."""
-        from compress.pruning.distill import BlockFeatures, DistillWeights, distillation_loss, feature_pairs
+        from compress import FeatureTap
+        from compress.pruning.distill import DistillWeights, distillation_loss, feature_pairs
+        from sana_sr.pruning.dit_structure import block_names
 
         t = torch.full((z_lq.shape[0],), self.timestep, device=z_lq.device)
-        with BlockFeatures(transformer) as student_features:
+        with FeatureTap(transformer, block_names(transformer)) as student_features:
             velocity = predict_velocity(model, z_lq, t, prompt_embeds, prompt_mask)
-        with torch.no_grad(), BlockFeatures(self.teacher) as teacher_features:
+        with torch.no_grad(), FeatureTap(self.teacher, block_names(self.teacher)) as teacher_features:
             teacher_velocity = predict_velocity(self.teacher, z_lq, t, prompt_embeds, prompt_mask)
         kept = getattr(transformer.config, "kept_blocks", None)
         pairs = feature_pairs(kept, len(transformer.transformer_blocks))
-        loss, _ = distillation_loss(velocity, teacher_velocity, student_features.outputs, teacher_features.outputs,
-                                    pairs, DistillWeights(self.config.distill_output, self.config.distill_features))
+        loss, _ = distillation_loss(velocity, teacher_velocity, student_features.ordered(),
+                                    teacher_features.ordered(), pairs,
+                                    DistillWeights(self.config.distill_output, self.config.distill_features))
         return z_lq - self.sigma * velocity, loss

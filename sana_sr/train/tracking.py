@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image
 
-from ..atomic import atomic_file
-from .config import LogConfig
+from sana_sr.atomic import atomic_file
+from sana_sr.train.config import LogConfig
 
 # Exit code of a run that saved because it was asked to stop (SIGTERM / SIGUSR1): EX_TEMPFAIL, "try again".
 REQUEUE_EXIT_CODE = 75

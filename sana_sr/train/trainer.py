@@ -7,15 +7,14 @@ import warnings
 
 import torch
 
-from ..atomic import atomic_file
-from ..build import build_pipeline
-from ..lora import LoraSettings, add_lora, save_lora
-from ..pipeline import SanaSRPipeline
-from .config import TrainConfig, to_dict, to_yaml
-from .loop import TrainLoop
-from .objective import SRObjective
-from .tracking import sample_grid, save_samples
-
+from sana_sr.atomic import atomic_file
+from sana_sr.model.loading import build_pipeline
+from sana_sr.model.lora import LoraSettings, add_lora, save_lora
+from sana_sr.model.pipeline import SanaSRPipeline
+from sana_sr.train.config import TrainConfig, to_dict, to_yaml
+from sana_sr.train.loop import TrainLoop
+from sana_sr.train.objective import SRObjective
+from sana_sr.train.tracking import sample_grid, save_samples
 
 # Depthwise-conv weight grads come out channels-last on CPU; DDP copies them into its bucket (correct, just a copy).
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -51,8 +50,8 @@ def load_teacher(path: str, device: torch.device) -> torch.nn.Module:
 
 class Trainer(TrainLoop):
     def __init__(self, config: TrainConfig):
-        from ..data.degradation import RealESRGANDegradation
-        from ..data.streaming import LoaderConfig, make_loader
+        from sana_sr.data.degradation import RealESRGANDegradation
+        from sana_sr.data.streaming import LoaderConfig, make_loader
 
         self.config = cfg = config
         super().__init__(cfg.output_dir, cfg.optim, cfg.dist, cfg.checkpoint, cfg.log, cfg.seed)
@@ -71,7 +70,7 @@ class Trainer(TrainLoop):
 
         lpips = None
         if cfg.loss.lpips > 0:
-            from .perceptual import load_lpips
+            from sana_sr.train.perceptual import load_lpips
 
             lpips = load_lpips(acc.device)
         teacher = load_teacher(cfg.model.teacher, acc.device) if cfg.model.teacher else None

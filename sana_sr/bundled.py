@@ -1,0 +1,49 @@
+"""What ships inside the package: the bundled photos with their captions and their train / held-back split, the
+real low-quality photos, the tiny preset's base weights and the config files (training YAMLs, DeepSpeed JSONs).
+
+Everything is found through the installed package (`importlib.resources`), never through a source checkout, so a
+regular `pip install` works from any working directory. Where the files come from: `sana_sr/assets/SOURCE.md`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+PACKAGE = Path(str(resources.files("sana_sr")))
+ASSETS = PACKAGE / "assets"
+CONFIGS = PACKAGE / "configs"
+PHOTOS = ASSETS / "photos"
+REAL_LQ = ASSETS / "real_lq"
+TINY_BASE = ASSETS / "tiny-base"
+
+CAPTIONS: dict[str, str] = {
+    "astronaut.png": "a photo of an astronaut, portrait, person, face",
+    "coffee.png": "a photo of a coffee cup on a table, food",
+    "rocket.jpg": "a photo of a rocket launch, smoke, sky",
+}
+"""The training photos of the main job and of the tiny base, with their prompts."""
+HELD_BACK: tuple[str, ...] = ("chelsea.png",)
+"""Bundled photos that nothing trains on: the main job evaluates on them."""
+
+
+def train_photos() -> list[Path]:
+    return [PHOTOS / name for name in CAPTIONS]
+
+
+def held_back_photos() -> list[Path]:
+    return [PHOTOS / name for name in HELD_BACK]
+
+
+def real_lq_photos() -> list[Path]:
+    """Real low-quality photographs with no ground truth (RealSRSet)."""
+    return sorted(REAL_LQ.glob("*.png"))
+
+
+def config_file(name: str) -> Path:
+    """A bundled config (`tiny.yaml`, `sana_0.6b.yaml`, `deepspeed_zero2.json`, ...); an error lists the known ones."""
+    path = CONFIGS / name
+    if not path.is_file():
+        known = ", ".join(sorted(p.name for p in CONFIGS.iterdir() if p.is_file()))
+        raise FileNotFoundError(f"no bundled config {name!r}; bundled: {known}")
+    return path

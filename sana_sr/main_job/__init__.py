@@ -1,0 +1,1 @@
+"""The main job (`sana-sr quickstart`): every stage on the embedded default, and its report."""

@@ -1,0 +1,2 @@
+"""The model: presets, building and loading pipelines, the one-step pipeline, LoRA, prompts, tiling, colour fix;
+and the commands that use a model as it is (`sana-sr upscale`, `sana-sr cost`)."""

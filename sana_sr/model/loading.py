@@ -1,0 +1,133 @@
+"""Build a SanaSRPipeline from a preset: random weights, the meta device (no weights), or the pretrained hub ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+
+from sana_sr.model.lora import LoraSettings, add_lora
+from sana_sr.model.pipeline import SanaSRPipeline
+from sana_sr.model.presets import Preset, get_preset
+from sana_sr.model.text import PromptEmbedding, build_text_encoder, build_tiny_tokenizer
+
+WEIGHTS = ("random", "meta", "pretrained")
+
+# SANA's flow shift; with index 900 of 1000 it puts the one step at sigma* = 0.25.
+FLOW_SHIFT = 3.0
+
+
+def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
+
+
+def build_pipeline(
+    preset: str | Preset = "tiny",
+    *,
+    weights: str = "random",
+    text_encoder: bool = True,
+    lora: LoraSettings | None = None,
+    upscale: int = 4,
+    timestep_index: int = 900,
+    default_prompt: str = "",
+    seed: int = 0,
+    vae_id: str | None = None,
+    base_id: str | None = None,
+) -> SanaSRPipeline:
+    """Assemble the pipeline of `preset`.
+
+    weights: "random" (seeded init; what `tiny` is for), "meta" (shapes only, for parameter and MAC counts of
+    the real sizes without memory) or "pretrained" (DC-AE and SANA weights by hub id, through `from_pretrained`).
+    text_encoder: keep Gemma-2 and its tokenizer; without it the pipeline conditions on its stored default prompt.
+    vae_id, base_id: hub ids or local folders overriding the preset's (a local mirror of the hub repos, say).
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if vae_id or base_id:
+        preset = dataclasses.replace(preset, vae_id=vae_id or preset.vae_id, base_id=base_id or preset.base_id)
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+
+    if weights == "pretrained":
+        vae, transformer, encoder, tokenizer = _load_pretrained(preset, text_encoder)
+    else:
+        torch.manual_seed(seed)
+        with torch.device("meta" if weights == "meta" else "cpu"):
+            vae = AutoencoderDC(**preset.vae)
+            transformer = SanaTransformer2DModel(**preset.transformer)
+            # Only tiny can build its tokenizer offline; the real ones come from the hub with their weights.
+            tokenizer = build_tiny_tokenizer() if preset.name == "tiny" else None
+            encoder = build_text_encoder(preset.text_encoder, tokenizer) if text_encoder else None
+
+    prompt = None
+    if encoder is not None and tokenizer is not None and weights != "meta":
+        encoder.eval()
+        prompt = PromptEmbedding.from_encoder(tokenizer, encoder, default_prompt, preset.max_sequence_length)
+    elif weights != "meta":
+        prompt = PromptEmbedding(default_prompt, preset.max_sequence_length, preset.transformer["caption_channels"])
+        prompt.mask.data.fill_(1.0)
+
+    vae.requires_grad_(False)
+    vae.eval()
+    transformer.eval()
+    if lora is not None:
+        add_lora(transformer, lora)
+    return SanaSRPipeline(
+        vae=vae,
+        transformer=transformer,
+        scheduler=make_scheduler(),
+        text_encoder=encoder,
+        tokenizer=tokenizer if encoder is not None else None,
+        default_prompt=prompt,
+        upscale=upscale,
+        timestep_index=timestep_index,
+        max_sequence_length=preset.max_sequence_length,
+    )
+
+
+def _load_pretrained(preset: Preset, text_encoder: bool):
+    if preset.vae_id is None or preset.base_id is None:
+        raise ValueError(
+            f"preset {preset.name!r} has no published weights: build it with weights='random', "
+            "or load a saved pipeline folder with SanaSRPipeline.from_pretrained"
+        )
+    for local in (preset.vae_id, preset.base_id):
+        if os.path.isabs(local) and not Path(local).is_dir():  # a local folder, not a hub id
+            raise FileNotFoundError(f"preset {preset.name!r}: weights folder {local} is missing "
+                                    "(the tiny base is made by `sana-sr pretrain-tiny`)")
+    vae = AutoencoderDC.from_pretrained(preset.vae_id, torch_dtype=torch.float32)
+    transformer = SanaTransformer2DModel.from_pretrained(preset.base_id, subfolder="transformer")
+    encoder, tokenizer = load_text_encoder(preset.base_id) if text_encoder else (None, None)
+    return vae, transformer, encoder, tokenizer
+
+
+def load_text_encoder(source: str | os.PathLike):
+    """(Gemma-2 encoder, tokenizer) from a preset name, or a folder / hub id with text_encoder/ and tokenizer/."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sana_sr.model.presets import PRESETS
+
+    if str(source) in PRESETS:
+        source = PRESETS[str(source)].base_id
+        if source is None:
+            raise ValueError("this preset has no published text encoder")
+    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    return AutoModel.from_pretrained(source, subfolder="text_encoder", dtype="auto"), tokenizer
+
+
+def load_pipeline(model: str | os.PathLike, **kwargs) -> SanaSRPipeline:
+    """`model` is a preset name (built at random), a saved (or compressed) pipeline folder, or a hub id of one."""
+    from sana_sr.model.presets import PRESETS
+
+    if str(model) in PRESETS:
+        return build_pipeline(str(model), **kwargs)
+    path = Path(model)
+    from sana_sr.quantization.folder import is_quantized_folder, load_quantized_pipeline
+
+    if is_quantized_folder(path):  # written by `sana-sr compress`
+        return load_quantized_pipeline(path)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a SANA-SR pipeline folder (no model_index.json)")
+    return SanaSRPipeline.from_pretrained(model)

@@ -1,0 +1,320 @@
+"""SANA-SR: one-step real-world super-resolution on a frozen DC-AE and a (LoRA-adapted) SANA DiT.
+
+    LQ --bicubic x s--> x_L --DC-AE encode--> z_L --one DiT call at t*--> z_H = z_L - sigma* v --decode--> SR
+
+SANA is a flow-matching model (x_sigma = (1 - sigma) x_0 + sigma eps, v = eps - x_0): the clean LQ latent is taken
+as the sample at sigma* and one Euler step jumps to sigma = 0. sigma* and t* come from the scheduler config at
+`timestep_index` (the release: index 900 of 1000 with flow shift 3, so sigma* = 0.25 and t* = 250).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderDC, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from PIL import Image
+
+from sana_sr.atomic import atomic_directory
+from sana_sr.model.color import apply_color_fix
+from sana_sr.model.lora import (
+    LORA_WEIGHT_NAME,
+    has_lora,
+    load_lora,
+    merge_lora,
+    save_lora,
+    save_transformer_without_lora,
+)
+from sana_sr.model.text import PromptEmbedding, encode_prompts
+from sana_sr.model.tiling import TileSettings, tiled_apply
+
+
+def bicubic_upsample(lq: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The LQ image resized to (height, width), bicubic, clamped to [0, 1]: the model's input in training and use."""
+    return F.interpolate(lq, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_mask: torch.Tensor,
+) -> torch.Tensor:
+    """v_theta(z, t, c) in the latents' dtype; `timesteps` is (B,) in scheduler units (sigma x 1000)."""
+    model_dtype = next(transformer.parameters()).dtype
+    velocity = transformer(
+        latents.to(model_dtype),
+        encoder_hidden_states=prompt_embeds.to(model_dtype),
+        encoder_attention_mask=prompt_mask,
+        timestep=timesteps.to(model_dtype),
+        return_dict=False,
+    )[0]
+    return velocity.to(latents.dtype)
+
+
+def one_step_restore(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    timestep: float,
+    sigma: float,
+) -> torch.Tensor:
+    """z_H = z_L - sigma * v(z_L, t, c): the one Euler step from sigma to 0. Differentiable (training uses it)."""
+    t = torch.full((latents.shape[0],), timestep, device=latents.device)
+    return latents - sigma * predict_velocity(transformer, latents, t, prompt_embeds, prompt_mask)
+
+
+def _to_batch(image) -> torch.Tensor:
+    """PIL image(s) or a (B, 3, H, W) / (3, H, W) tensor in [0, 1] -> float tensor (B, 3, H, W)."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)):
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in image]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(image.shape)}")
+    return image.float()
+
+
+class SanaSRPipeline(DiffusionPipeline):
+    """The SANA-SR restoration pipeline, saved and loaded in diffusers folder layout.
+
+    Components: `vae` (AutoencoderDC, frozen), `transformer` (SanaTransformer2DModel, optionally with a PEFT LoRA
+    adapter), `scheduler` (FlowMatchEulerDiscreteScheduler: defines sigma*), and optionally `text_encoder` +
+    `tokenizer` (Gemma-2) and `default_prompt` (a stored prompt embedding used when no prompt is given).
+    A LoRA adapter is saved beside the base weights as `lora/pytorch_lora_weights.safetensors`.
+    """
+
+    _optional_components = ["text_encoder", "tokenizer", "default_prompt"]
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderDC,
+        transformer: SanaTransformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder=None,
+        tokenizer=None,
+        default_prompt: PromptEmbedding | None = None,
+        upscale: int = 4,
+        timestep_index: int = 900,
+        max_sequence_length: int = 300,
+    ):
+        super().__init__()
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise TypeError(f"SANA-SR needs a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
+        n = scheduler.config.num_train_timesteps
+        if not 0 <= timestep_index < n:
+            raise ValueError(f"timestep_index must be in [0, {n}), got {timestep_index}")
+        self.register_modules(
+            vae=vae, transformer=transformer, scheduler=scheduler,
+            text_encoder=text_encoder, tokenizer=tokenizer, default_prompt=default_prompt,
+        )
+        self.register_to_config(
+            upscale=upscale, timestep_index=timestep_index, max_sequence_length=max_sequence_length
+        )
+
+    # -- the one-step operating point ------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float:
+        """sigma* of the one step; read from a fresh scheduler so that `set_timesteps` calls cannot move it."""
+        fresh = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        return float(fresh.sigmas[self.config.timestep_index])
+
+    @property
+    def timestep(self) -> float:
+        """t* fed to the DiT (sigma* times the number of training timesteps)."""
+        return self.sigma * self.scheduler.config.num_train_timesteps
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sides are padded to a multiple of this (AE compression x DiT patch)."""
+        return self.vae.spatial_compression_ratio * self.transformer.config.patch_size
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def encode_prompt(
+        self, prompt: str | list[str] | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings for a batch: the stored default when `prompt` is None, else the text encoder's."""
+        device = self.transformer.device
+        if prompt is None and self.default_prompt is not None:
+            embeds, mask = self.default_prompt.expand(batch_size)
+            return embeds.to(device), mask.to(device)
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "this pipeline has no text encoder: pass prompt_embeds (and prompt_attention_mask), "
+                "or load a pipeline that has one"
+            )
+        prompts = [prompt or ""] * batch_size if not isinstance(prompt, list) else prompt
+        if len(prompts) != batch_size:
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {batch_size} images")
+        embeds, mask = encode_prompts(self.tokenizer, self.text_encoder, prompts, self.config.max_sequence_length)
+        return embeds.to(device), mask.to(device)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents."""
+        latents = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent
+        return latents * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (unclamped)."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+    @contextmanager
+    def ae_tiling(self, tiling: TileSettings | None):
+        """Run the DC-AE tiled (diffusers' own tiling) inside this block when `tiling` is given."""
+        vae = self.vae
+        if tiling is None:
+            yield
+            return
+        ratio = vae.spatial_compression_ratio
+        if tiling.ae_tile % ratio or tiling.ae_overlap % ratio:
+            raise ValueError(
+                f"AE tile {tiling.ae_tile} and overlap {tiling.ae_overlap} must be multiples of the AE ratio {ratio}"
+            )
+        saved = {k: v for k, v in vars(vae).items() if k == "use_tiling" or k.startswith("tile_")}
+        stride = tiling.ae_tile - tiling.ae_overlap
+        vae.enable_tiling(tiling.ae_tile, tiling.ae_tile, stride, stride)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                setattr(vae, key, value)
+
+    def restore_latents(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        tiling: TileSettings | None = None,
+    ) -> torch.Tensor:
+        """The one DiT step, over blended latent tiles when `tiling` is given and the latents exceed a tile."""
+
+        def step(z: torch.Tensor) -> torch.Tensor:
+            return one_step_restore(self.transformer, z, prompt_embeds, prompt_mask, self.timestep, self.sigma)
+
+        if tiling is None:
+            return step(latents)
+        m = self.size_multiple
+        if tiling.tile % m or tiling.overlap % m:
+            raise ValueError(f"tile {tiling.tile} and overlap {tiling.overlap} must be multiples of {m}")
+        ratio = self.vae.spatial_compression_ratio
+        return tiled_apply(step, latents, tiling.tile // ratio, tiling.overlap // ratio)
+
+    # -- the whole restoration -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        upscale: int | None = None,
+        tiling: TileSettings | None = None,
+        color_fix: str | None = None,
+        output_type: str = "pt",
+    ):
+        """Restore LQ images (PIL, or a (B, 3, h, w) tensor in [0, 1]) to `upscale` times their size.
+
+        Returns a (B, 3, H, W) tensor in [0, 1] (`output_type="pt"`) or a list of PIL images (`"pil"`).
+        """
+        lq = _to_batch(image).to(self.vae.device)
+        scale = upscale or self.config.upscale
+        height, width = lq.shape[2] * scale, lq.shape[3] * scale
+        upsampled = bicubic_upsample(lq, height, width)
+        m = self.size_multiple
+        padded = F.pad(upsampled * 2 - 1, (0, -width % m, 0, -height % m), mode="replicate")
+
+        if prompt_embeds is None:
+            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, lq.shape[0])
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+
+        with self.ae_tiling(tiling):
+            latents = self.encode(padded)
+        latents = self.restore_latents(latents, prompt_embeds, prompt_attention_mask, tiling)
+        with self.ae_tiling(tiling):
+            restored = self.decode(latents)
+        restored = ((restored[:, :, :height, :width].float() + 1) / 2).clamp(0, 1)
+        restored = apply_color_fix(restored, upsampled.float(), color_fix)
+
+        if output_type == "pil":
+            arrays = (restored.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            return [Image.fromarray(a) for a in arrays]
+        return restored
+
+    # -- LoRA and persistence --------------------------------------------------------------------------------
+    def merge_lora(self) -> None:
+        """Fold the DiT's LoRA adapter into its weights (no-op without one)."""
+        if has_lora(self.transformer):
+            merge_lora(self.transformer)
+
+    def drop_text_encoder(self) -> None:
+        """Forget the text encoder and tokenizer; the stored default prompt embedding keeps the pipeline usable."""
+        if self.default_prompt is None:
+            raise ValueError("no default prompt embedding is stored: dropping the text encoder would leave no prompt")
+        self.register_modules(text_encoder=None, tokenizer=None)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any."""
+        with atomic_directory(save_directory) as tmp:
+            self.save_config(tmp)
+            for name, component in self.components.items():
+                if component is None:
+                    continue
+                if name == "transformer":
+                    save_transformer_without_lora(component, tmp / name)
+                else:
+                    component.save_pretrained(tmp / name)
+            if has_lora(self.transformer):
+                save_lora(self.transformer, tmp / "lora")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, load_lora_adapter: bool = True, **kwargs):
+        """Load a folder or hub repo written by `save_pretrained`; its `lora/` adapter is attached unless told not to."""
+        _import_component_modules(pretrained_model_name_or_path)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if load_lora_adapter:
+            adapter = _find_lora(pretrained_model_name_or_path, kwargs)
+            if adapter is not None:
+                load_lora(pipe.transformer, adapter)
+        return pipe
+
+
+def _import_component_modules(name_or_path: str | os.PathLike) -> None:
+    """diffusers only loads classes from modules already imported: import this project's own component modules
+    that a local folder's model_index.json names (e.g. the pruned DiT, `compress.pruning.model`)."""
+    index = Path(name_or_path) / "model_index.json"
+    if not index.is_file():
+        return
+    import importlib
+    import json
+
+    for value in json.loads(index.read_text()).values():
+        if isinstance(value, list) and value and str(value[0]).split(".")[0] in ("sana_sr", "compress"):
+            importlib.import_module(value[0])
+
+
+def _find_lora(name_or_path: str | os.PathLike, kwargs: dict) -> Path | None:
+    """The adapter file of a local folder or hub repo, or None when it has none."""
+    local = Path(name_or_path) / "lora" / LORA_WEIGHT_NAME
+    if Path(name_or_path).is_dir():
+        return local if local.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(
+            str(name_or_path), f"lora/{LORA_WEIGHT_NAME}", revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+        ))
+    except EntryNotFoundError:
+        return None

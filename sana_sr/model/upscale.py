@@ -1,0 +1,102 @@
+"""`sana-sr upscale INPUT... -o OUT_DIR`: restore image files and folders.
+
+One bad input never stops the others: each failure is one line on stderr naming the file, the exit code is 1
+when any failed, outputs are written atomically, and an output path never equals an input path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sana_sr.dtypes import DTYPES
+from sana_sr.images import EXTENSIONS, FORMATS, ImageError, LoadedImage, find_images, load_image, save_image
+from sana_sr.model.tiling import TileSettings
+
+DEFAULT_MAX_PIXELS = 16_000_000
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="sana-sr upscale", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR", help="output folder")
+    parser.add_argument("--model", default="tiny", help="preset name, pipeline folder or hub id (default: tiny)")
+    parser.add_argument("--scale", type=int, default=None, help="upscaling factor (default: the model's)")
+    parser.add_argument("--prompt", default=None, help="text prompt (default: the model's stored default prompt)")
+    parser.add_argument("--tile", type=int, default=1024, help="DiT tile side in output pixels; 0 disables tiling")
+    parser.add_argument("--tile-overlap", type=int, default=256, help="overlap of DiT tiles in output pixels")
+    parser.add_argument("--ae-tile", type=int, default=512, help="DC-AE tile side in output pixels")
+    parser.add_argument("--ae-tile-overlap", type=int, default=64, help="overlap of DC-AE tiles in output pixels")
+    parser.add_argument("--color-fix", choices=("none", "adain", "wavelet"), default="none")
+    parser.add_argument("--format", choices=("same",) + tuple(f.lower() for f in FORMATS), default="same",
+                        help="output format (default: that of each input)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse inputs with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT precision")
+    return parser
+
+
+def output_path(out_dir: Path, relative: Path, fmt: str) -> Path:
+    ext = relative.suffix if fmt == "same" and relative.suffix.lower() in EXTENSIONS else FORMATS.get(fmt.upper(), ".png")
+    return out_dir / relative.with_suffix(ext)
+
+
+def restore_image(pipe, image: LoadedImage, scale: int, prompt: str | None, tiling: TileSettings | None,
+                  color_fix: str) -> LoadedImage:
+    """Restore the RGB of `image`; its alpha channel is upscaled on its own (bicubic), never dropped."""
+    rgb = torch.from_numpy(image.rgb).permute(2, 0, 1)[None]
+    restored = pipe(rgb, prompt=prompt, upscale=scale, tiling=tiling, color_fix=color_fix)
+    alpha = None
+    if image.alpha is not None:
+        a = torch.from_numpy(image.alpha)[None, None]
+        alpha = F.interpolate(a, size=restored.shape[2:], mode="bicubic", align_corners=False).clamp(0, 1)[0, 0]
+        alpha = alpha.numpy()
+    return LoadedImage(
+        rgb=restored[0].permute(1, 2, 0).cpu().numpy().astype(np.float32),
+        alpha=alpha, bit_depth=image.bit_depth, grayscale=image.grayscale, format=image.format,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from sana_sr.model.loading import load_pipeline
+
+    try:
+        tiling = None if args.tile == 0 else TileSettings(args.tile, args.tile_overlap, args.ae_tile, args.ae_tile_overlap)
+        pipe = load_pipeline(args.model)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load model {args.model!r}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    if args.dtype != "fp32":
+        pipe.transformer.to(DTYPES[args.dtype])
+    scale = args.scale or pipe.config.upscale
+
+    jobs = find_images(args.inputs)
+    input_paths = {p.resolve() for p, _ in jobs if p.exists()}
+    claimed: set[Path] = set()
+    failures = 0
+    for path, relative in tqdm(jobs, desc="upscaling", unit="img", disable=None):
+        out = output_path(args.output, relative, args.format)
+        try:
+            if out.resolve() in input_paths:
+                raise ImageError(f"output {out} would overwrite an input")
+            if out.resolve() in claimed:
+                raise ImageError(f"output {out} is also the output of an earlier input")
+            image = load_image(path, max_pixels=args.max_pixels)
+            save_image(out, restore_image(pipe, image, scale, args.prompt, tiling, args.color_fix))
+            claimed.add(out.resolve())
+        except (ImageError, torch.OutOfMemoryError) as e:
+            failures += 1
+            tqdm.write(f"error: {path}: {e}", file=sys.stderr)
+    print(f"{len(jobs) - failures} of {len(jobs)} images written to {args.output}")
+    return 1 if failures else 0

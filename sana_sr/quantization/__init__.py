@@ -1,0 +1,2 @@
+"""Low-bit quantization of SANA-SR: the SANA side of `compress` (matmul sites, the folded timestep, what is
+quantized), the compressed pipeline folder, the fine-tunes on the training loop, and `sana-sr compress`."""
