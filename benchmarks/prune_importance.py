@@ -158,19 +158,19 @@ def train_steps(pipe, steps: int, lr: float, batch: int, crop: int, seed: int, t
 
 def prepare_base(args) -> SanaSRPipeline:
     """A tiny SR pipeline: trained DC-AE (reconstruction), then the DiT trained for one-step SR with captions."""
-    from sana_sr.train.pretrain_tiny import TRAIN_PHOTOS, load_photos, random_crops, train_autoencoder
+    from sana_sr import bundled
+    from sana_sr.data.calibration_pairs import load_photos
+    from sana_sr.train.pretrain_tiny import AutoencoderStage, PhotoCrops, StageSettings, set_scaling_factor
 
     folder = args.out / "base"
     if (folder / "model_index.json").is_file():
         log(f"base: reusing {folder}")
         return SanaSRPipeline.from_pretrained(folder)
     pipe = build_pipeline("tiny", seed=args.seed)
-    photos = load_photos(TRAIN_PHOTOS)
-    train_autoencoder(pipe.vae, photos, args.ae_steps, args.batch, args.crop, 2e-3, args.seed, log)
-    rng = np.random.default_rng(args.seed + 1)
-    with torch.no_grad():
-        latents = torch.cat([pipe.vae.encode(random_crops(photos, 16, args.crop, rng)[0]).latent for _ in range(4)])
-    pipe.vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
+    crops = PhotoCrops([photo for _, photo in load_photos(bundled.train_photos(), args.crop)], args.crop, args.seed)
+    AutoencoderStage(pipe.vae, crops, StageSettings(args.ae_steps, 2e-3, args.batch, args.out / "base-ae.work",
+                                                    seed=args.seed)).run()
+    set_scaling_factor(pipe.vae, crops)
     train_steps(pipe, args.base_steps, 1e-3, args.batch, args.crop, args.seed + 7, label="base SR")
     with atomic_directory(folder) as tmp:
         pipe.save_pretrained(tmp)

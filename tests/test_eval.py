@@ -93,6 +93,7 @@ def runs(tmp_path_factory):
     return {"names": names, "tmp": tmp, "one": one, "two": two}
 
 
+@pytest.mark.slow
 def test_two_processes_score_every_image_once_with_the_same_numbers(runs):
     tmp = runs["tmp"]
     assert runs["two"].returncode == 0, runs["two"].stderr[-3000:]
@@ -114,6 +115,7 @@ def test_two_processes_score_every_image_once_with_the_same_numbers(runs):
         assert (tmp / "one" / "sr" / f"{name}_LR4.png").read_bytes() == (tmp / "two" / "sr" / f"{name}_LR4.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_outputs_describe_the_run(runs):
     out = runs["tmp"] / "two"
     summary = json.loads((out / "summary.json").read_text())
@@ -134,6 +136,7 @@ def test_outputs_describe_the_run(runs):
     assert not [p for p in out.rglob(".*")]  # no temporary leftovers
 
 
+@pytest.mark.slow
 def test_missing_metric_weights_are_reported_unavailable_with_exit_zero(runs):
     out = runs["tmp"] / "one"
     assert runs["one"].returncode == 0

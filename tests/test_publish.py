@@ -79,6 +79,7 @@ def test_model_card_validates(run_dir, tmp_path):
         validate_card(text.replace("- me/photos", "- /local/folder"))
 
 
+@pytest.mark.slow
 def test_upload_without_network_fails_in_one_line_and_keeps_the_token_secret(run_dir, tmp_path):
     token = "hf_" + "x" * 34
     closed = free_ports(1)[0]  # nothing listens there: the hub is unreachable, and only loopback is tried

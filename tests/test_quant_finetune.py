@@ -35,6 +35,7 @@ def test_loop_finetune_equals_compress_distill_bitwise(method, tmp_path):
     assert phases == (["spr2q-rectifiers", "spr2q-routing"] if method == "spr2q" else [f"{method}-bounds"])
 
 
+@pytest.mark.slow
 def test_compress_on_two_processes_synchronises(tmp_path):
     out = tmp_path / "q"
     cmd = [*accelerate_launch(2, free_ports(1)[0], "sana_sr.cli"), "compress", "tiny", "-o", str(out),
@@ -61,6 +62,7 @@ def test_compress_on_two_processes_synchronises(tmp_path):
     assert sr.shape == (1, 3, 64, 64) and torch.isfinite(sr).all()
 
 
+@pytest.mark.slow
 def test_stopped_compress_resumes_to_the_same_bytes(tmp_path):
     args = ["compress", "tiny", "--method", "compsrt", "--steps", "8", "--log-every", "1", *CALIB]
     entry = [sys.executable, "-m", "sana_sr.cli"]

@@ -8,11 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from sana_sr.main_job.stages import COMPRESSED, STAGES
 from sana_sr.run_folder import RunFolder
 
 from .train_helpers import REPO, metrics, train_env
+
+pytestmark = pytest.mark.slow  # end to end through the real launchers: minutes
 
 STEPS = 200
 

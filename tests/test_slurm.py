@@ -12,7 +12,8 @@ import pytest
 from .slurm_cluster import SlurmCluster, available, free_ports
 from .train_helpers import REPO, TINY_ARGS, make_shards, metrics, train_env, write_photo_crops
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"no test Slurm cluster: {available()}")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(available() is not None, reason=f"no test Slurm cluster: {available()}")]
 
 SCRIPT = REPO / "slurm" / "train_sana_sr.sh"
 

@@ -50,6 +50,7 @@ def test_tiling_that_covers_the_image_is_the_untiled_path(tiny_pipe, lq_photo):
     assert torch.equal(tiled, untiled)
 
 
+@pytest.mark.slow
 def test_tiled_restoration_agrees_with_untiled():
     """Tiles smaller than the image, on the pretrained tiny base (a real, trained DC-AE and DiT).
 
@@ -74,6 +75,7 @@ def test_tiled_restoration_agrees_with_untiled():
     assert psnr(hard_cut, untiled) < psnr(tiled, untiled) - 10
 
 
+@pytest.mark.slow
 def test_2048_output_has_bounded_peak_memory():
     """A fresh process restores 512x512 -> 2048x2048 with default tiling; its peak RSS grows by less than the bound."""
     result = subprocess.run(

@@ -34,6 +34,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[0]}"
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise(shards, tmp_path):
     args = [*TINY_ARGS, f"data.shards={shards}", "optim.max_steps=10", "checkpoint.resume=latest",
             "loss.prior_alignment=0.1", "loss.adapter_consistency=0.1"]
@@ -53,6 +54,7 @@ def test_resume_after_sigterm_is_bitwise(shards, tmp_path):
     _assert_same_weights(final_lora(tmp_path / "straight", ema=True), final_lora(interrupted, ema=True))
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_on_two_processes_learns_and_resumes(shards, tmp_path):
     """The main job's config (light degradation, LoRA r16) under ZeRO-2 on two CPU processes.
 

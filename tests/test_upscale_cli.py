@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
 from sana_sr.cli import main as cli
@@ -17,6 +18,7 @@ def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_folder_of_good_and_bad_inputs(tmp_path, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
     write_zoo(inputs)

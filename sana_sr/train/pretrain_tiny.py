@@ -1,64 +1,166 @@
-"""`sana-sr pretrain-tiny`: the tiny preset's "published" base weights, trained here from the bundled photos.
+"""`sana-sr pretrain-tiny`: the tiny preset's "published" base weights, trained here from real photos.
 
 The real presets start from pretrained hub weights (a DC-AE trained to reconstruct, a SANA DiT trained by flow
-matching). A random tiny model has neither property: its frozen decoder cannot produce a good image, and its
-DiT is no prior. This command trains both, tiny, on CPU, once:
+matching). A random tiny model has neither property: its frozen decoder cannot produce a good image, and its DiT is
+no prior. This command trains both, tiny, on the CPU, on the training loop (sana_sr/train/loop.py: checkpoints,
+resume, stop signals, one process or several under `accelerate launch`):
 
-1. the DC-AE to reconstruct random crops (L1), then its `scaling_factor` set to 1/std of the latents;
-2. the DiT by flow matching on those latents (x_sigma = (1 - sigma) x_0 + sigma eps, target eps - x_0), with
-   captions and 10% null prompts, the text encoder being the tiny random Gemma-2.
+1. `dc-ae`: the DC-AE reconstructs random crops (L1); then its `scaling_factor` is set to 1/std of the latents;
+2. `dit`: the DiT learns flow matching on those latents (x_sigma = (1 - sigma) x_0 + sigma eps, target eps - x_0),
+   with each photo's caption and 10% null prompts; the text encoder is the tiny random Gemma-2.
 
-The result is written in the hub layout (`dc-ae/`, `sana/{transformer,text_encoder,tokenizer}/`) and ships in
-`sana_sr/assets/tiny-base`, where the `tiny` preset's `vae_id` / `base_id` point. `chelsea.png` is held back.
+Each stage keeps its checkpoints and metrics.jsonl in OUT.work/STAGE/, so a stopped run resumes where it was. The
+result is written in the hub layout (`dc-ae/`, `sana/{transformer,text_encoder,tokenizer}/`) with `report.json`;
+the bundled copy is `sana_sr/assets/tiny-base`, where the `tiny` preset's `vae_id` / `base_id` point.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
+import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from torch import nn
 
 from sana_sr.atomic import atomic_directory
-from sana_sr.model.presets import TINY_BASE
-
-TRAIN_PHOTOS = {
-    "astronaut.png": "a photo of an astronaut, portrait, person, face",
-    "coffee.png": "a photo of a coffee cup on a table, food",
-    "rocket.jpg": "a photo of a rocket launch, smoke, sky",
-}
-HELD_BACK = "chelsea.png"
+from sana_sr.bundled import TINY_BASE, held_back_photos, train_photos
+from sana_sr.distributed import DistConfig
+from sana_sr.train.config import CheckpointConfig, LogConfig, OptimConfig
+from sana_sr.train.loop import TrainLoop
+from sana_sr.train.tracking import REQUEUE_EXIT_CODE, read_metrics
 
 
-def load_photos(names) -> list[np.ndarray]:
-    from sana_sr.main_job.quickstart import bundled
+class PhotoCrops:
+    """Random square crops (with horizontal flips) of a set of photos, a pure function of (seed, step, rank):
+    a resumed run draws exactly the crops the uninterrupted one would have."""
 
-    return [np.asarray(Image.open(bundled("photos") / n).convert("RGB"), dtype=np.float32) / 255 for n in names]
+    def __init__(self, photos: list[torch.Tensor], size: int, seed: int):
+        self.photos, self.size, self.seed = photos, size, seed
+
+    def batch(self, count: int, step: int, rank: int) -> tuple[torch.Tensor, list[int]]:
+        """(count, 3, size, size) in [-1, 1], and the index of each crop's photo."""
+        rng = np.random.default_rng([self.seed, step, rank])
+        crops, sources = [], []
+        for _ in range(count):
+            i = int(rng.integers(len(self.photos)))
+            _, h, w = self.photos[i].shape
+            top, left = int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1))
+            crop = self.photos[i][:, top: top + self.size, left: left + self.size]
+            crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
+            sources.append(i)
+        return torch.stack(crops) * 2 - 1, sources
 
 
-def random_crops(photos: list[np.ndarray], count: int, size: int, rng: np.random.Generator):
-    """(count, 3, size, size) crops in [-1, 1] with horizontal flips, and the index of each crop's photo."""
-    crops, sources = [], []
-    for _ in range(count):
-        i = int(rng.integers(len(photos)))
-        im = photos[i]
-        top, left = rng.integers(im.shape[0] - size + 1), rng.integers(im.shape[1] - size + 1)
-        crop = im[top : top + size, left : left + size]
-        crops.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
-        sources.append(i)
-    batch = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2)
-    return batch * 2 - 1, sources
+@dataclass
+class StageSettings:
+    """One pretraining stage on the loop."""
+
+    steps: int
+    """Optimizer steps."""
+    lr: float
+    """Peak learning rate (linear warm-up, then cosine to 0)."""
+    batch: int
+    """Global batch (over all processes)."""
+    work_dir: Path
+    """Checkpoints and metrics.jsonl of this stage."""
+    seed: int = 0
+    """Seed of the crops and the noise."""
+    warmup: int = 100
+    """Warm-up steps."""
+    log_every: int = 250
+    """Log the loss every this many steps."""
+    checkpoint_every: int = 500
+    """Checkpoint every this many steps."""
 
 
-def _cosine(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+class _Stage(TrainLoop):
+    """A pretraining stage: every parameter of `module` trains on crops drawn per step."""
+
+    def __init__(self, module: nn.Module, crops: PhotoCrops, settings: StageSettings):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if settings.batch % world:
+            raise ValueError(f"batch {settings.batch} does not split over {world} processes")
+        optim = OptimConfig(lr=settings.lr, weight_decay=0.0, schedule="cosine", warmup_steps=settings.warmup,
+                            max_steps=settings.steps, micro_batch_size=settings.batch // world,
+                            global_batch_size=settings.batch, grad_clip=1.0, ema_decay=0.0)
+        # fp32 on every device: the bundled base must not depend on where it was made.
+        super().__init__(settings.work_dir, optim, DistConfig(mixed_precision="no"),
+                         CheckpointConfig(every_steps=settings.checkpoint_every, keep_last=1, resume="latest"),
+                         LogConfig(tracker="none", every_steps=settings.log_every, samples_every_steps=0),
+                         settings.seed)
+        self.crops = crops
+        module.train().requires_grad_(True)
+        module.to(self.accelerator.device)
+        self.prepare(module, [{"params": [p for p in module.parameters() if p.requires_grad]}])
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+
+    def batches(self):
+        rank = self.accelerator.process_index
+        while True:  # one micro-batch per optimizer step: the step is the data position
+            x, sources = self.crops.batch(self.optim.micro_batch_size, self.state["step"], rank)
+            yield {"key": [f"{self.state['step']}/{rank}/{i}" for i in range(len(sources))],
+                   "x": x.to(self.accelerator.device), "sources": sources}
+
+    def end(self) -> None:
+        """The process group outlives a stage (the next one uses it); `main` closes it."""
+
+    def run(self) -> None:
+        if self.train() == REQUEUE_EXIT_CODE:
+            raise SystemExit(REQUEUE_EXIT_CODE)
+        self.accelerator.free_memory()
+        self.module.eval().requires_grad_(False)
+
+
+class AutoencoderStage(_Stage):
+    """The DC-AE learns to reconstruct: L1 between decode(encode(x)) and x."""
+
+    def compute_loss(self, batch: dict):
+        x = batch["x"]
+        loss = (self.model(x).sample - x).abs().mean()
+        return loss, {"l1": loss.detach()}, None
+
+
+class FlowMatchingStage(_Stage):
+    """The DiT learns flow matching on the frozen DC-AE's latents, with each photo's caption (10% null)."""
+
+    def __init__(self, pipe, crops: PhotoCrops, captions: list[str], settings: StageSettings):
+        from sana_sr.model.text import encode_prompts
+
+        self.pipe = pipe
+        with torch.no_grad():
+            self.embeds, self.masks = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions + [""],
+                                                     pipe.config.max_sequence_length)
+        super().__init__(pipe.transformer, crops, settings)
+        pipe.vae.to(self.accelerator.device)
+        self.embeds, self.masks = self.embeds.to(self.accelerator.device), self.masks.to(self.accelerator.device)
+
+    def compute_loss(self, batch: dict):
+        from sana_sr.model.pipeline import predict_velocity
+
+        x, count = batch["x"], len(batch["sources"])
+        step, rank = self.state["step"], self.accelerator.process_index
+        generator = torch.Generator().manual_seed(self.crops.seed * 1_000_003 + step * 1009 + rank)
+        null = len(self.embeds) - 1
+        prompt = [s if torch.rand((), generator=generator) > 0.1 else null for s in batch["sources"]]
+        sigma = torch.rand(count, generator=generator)
+        with torch.no_grad():
+            x0 = self.pipe.encode(x)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        s = sigma.view(-1, 1, 1, 1).to(x0.device)
+        timesteps = (sigma * self.pipe.scheduler.config.num_train_timesteps).to(x0.device)
+        velocity = predict_velocity(self.model, (1 - s) * x0 + s * noise, timesteps, self.embeds[prompt],
+                                    self.masks[prompt])
+        loss = ((velocity - (noise - x0)) ** 2).mean()
+        return loss, {"flow_matching_mse": loss.detach()}, None
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,104 +168,82 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(4 / ((a.clamp(-1, 1) - b) ** 2).mean()))
 
 
-def train_autoencoder(vae, photos, steps: int, batch: int, size: int, lr: float, seed: int, log) -> None:
-    rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train().requires_grad_(True)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine(step, steps, lr)
-        x, _ = random_crops(photos, batch, size, rng)
-        loss = (vae.decode(vae.encode(x).latent).sample - x).abs().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"dc-ae step {step}/{steps} L1 {loss.item():.4f}")
-    vae.eval().requires_grad_(False)
+@torch.no_grad()
+def set_scaling_factor(vae, crops: PhotoCrops) -> float:
+    """scaling_factor = 1 / std of the latents of 128 fixed crops (SANA's latents are scaled to unit variance)."""
+    x, _ = PhotoCrops(crops.photos, crops.size, crops.seed + 1).batch(128, step=0, rank=0)
+    latents = torch.cat([vae.encode(chunk).latent for chunk in x.split(16)])
+    vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
+    return vae.config.scaling_factor
 
 
-def train_flow_matching(pipe, photos, captions, steps: int, batch: int, size: int, lr: float, seed: int, log) -> None:
-    from sana_sr.model.text import encode_prompts
+@torch.no_grad()
+def reconstruction_psnr(vae, photos: dict[str, torch.Tensor], size: int = 256) -> dict[str, float]:
+    """DC-AE reconstruction PSNR of each photo's top-left `size` crop."""
+    out = {}
+    for name, photo in photos.items():
+        x = photo[:, :size, :size][None] * 2 - 1
+        out[name] = round(psnr(vae.decode(vae.encode(x).latent).sample, x), 2)
+    return out
 
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    transformer = pipe.transformer.train().requires_grad_(True)
-    with torch.no_grad():
-        embeds, masks = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions + [""], pipe.config.max_sequence_length)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine(step, steps, lr)
-        x, sources = random_crops(photos, batch, size, rng)
-        with torch.no_grad():
-            x0 = pipe.encode(x)
-        prompt = [s if rng.random() > 0.1 else len(captions) for s in sources]
-        sigma = torch.rand(batch, generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        s = sigma.view(-1, 1, 1, 1)
-        velocity = transformer(
-            (1 - s) * x0 + s * noise, encoder_hidden_states=embeds[prompt], encoder_attention_mask=masks[prompt],
-            timestep=sigma * pipe.scheduler.config.num_train_timesteps, return_dict=False,
-        )[0]
-        loss = ((velocity - (noise - x0)) ** 2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"dit step {step}/{steps} flow-matching MSE {loss.item():.4f}")
-    transformer.eval().requires_grad_(False)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sana-sr pretrain-tiny", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=TINY_BASE, help="output folder (default: the bundled one)")
+    p.add_argument("--photos", nargs="+", default=None, metavar="PATH",
+                   help="training photos, files and/or folders (default: the bundled training photos); captions "
+                        "from a .txt beside each image")
+    p.add_argument("--ae-steps", type=int, default=3000)
+    p.add_argument("--dit-steps", type=int, default=1200)
+    p.add_argument("--ae-lr", type=float, default=2e-3)
+    p.add_argument("--dit-lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=16, help="global batch of each stage")
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="checkpoints (default OUT.work; a rerun resumes; removed once OUT is written)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sana-sr pretrain-tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=TINY_BASE, help="output folder (default: the bundled one)")
-    parser.add_argument("--ae-steps", type=int, default=4000)
-    parser.add_argument("--dit-steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--crop", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
+    from sana_sr.data.calibration_pairs import load_photos, prompt_for
+    from sana_sr.images import find_images
     from sana_sr.model.loading import build_pipeline
 
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    log_lines: list[str] = []
-
-    def log(line: str) -> None:
-        line = f"[{time.perf_counter() - start:7.1f}s] {line}"
-        print(line, flush=True)
-        log_lines.append(line)
-
+    work = args.work_dir or args.out.with_name(args.out.name + ".work")
+    paths = [p for p, _ in find_images(args.photos)] if args.photos else train_photos()
+    loaded = load_photos(paths, args.crop)
+    crops = PhotoCrops([photo for _, photo in loaded], args.crop, args.seed)
     pipe = build_pipeline("tiny", weights="random", seed=args.seed)
-    photos = load_photos(TRAIN_PHOTOS)
-    train_autoencoder(pipe.vae, photos, args.ae_steps, args.batch, args.crop, 2e-3, args.seed, log)
-
-    rng = np.random.default_rng(args.seed + 1)
-    with torch.no_grad():
-        latents = torch.cat([pipe.vae.encode(random_crops(photos, 16, args.crop, rng)[0]).latent for _ in range(8)])
-    pipe.vae.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
-    log(f"dc-ae scaling_factor {pipe.vae.config.scaling_factor}")
-
-    train_flow_matching(pipe, photos, list(TRAIN_PHOTOS.values()), args.dit_steps, args.batch, args.crop, 1e-3,
-                        args.seed, log)
-
-    report = {"seconds": round(time.perf_counter() - start, 1), "args": {k: str(v) for k, v in vars(args).items()}}
-    with torch.no_grad():
-        for name, image in zip([*TRAIN_PHOTOS, HELD_BACK], photos + load_photos([HELD_BACK])):
-            x = torch.from_numpy(image[:256, :256].copy()).permute(2, 0, 1)[None] * 2 - 1
-            report[f"dc-ae reconstruction PSNR {name}"] = round(psnr(pipe.decode(pipe.encode(x)), x), 2)
-    log(json.dumps(report))
-
-    with atomic_directory(args.out) as tmp:
-        pipe.vae.save_pretrained(tmp / "dc-ae")
-        pipe.transformer.save_pretrained(tmp / "sana" / "transformer")
-        pipe.text_encoder.save_pretrained(tmp / "sana" / "text_encoder")
-        pipe.tokenizer.save_pretrained(tmp / "sana" / "tokenizer")
-        (tmp / "training_log.txt").write_text("\n".join(log_lines) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.out}")
+    stage = dict(batch=args.batch, seed=args.seed)
+    AutoencoderStage(pipe.vae, crops, StageSettings(args.ae_steps, args.ae_lr, work_dir=work / "dc-ae", **stage)).run()
+    set_scaling_factor(pipe.vae, crops)
+    captions = [prompt_for(path) for path, _ in loaded]
+    dit = FlowMatchingStage(pipe, crops, captions, StageSettings(args.dit_steps, args.dit_lr, work_dir=work / "dit",
+                                                                 **stage))
+    dit.run()
+    accelerator = dit.accelerator
+    if accelerator.is_main_process:
+        checked = {p.name: photo for p, photo in load_photos(held_back_photos() + paths[:3], 256)}
+        report = {
+            "seconds": round(time.perf_counter() - start, 1), "processes": accelerator.num_processes,
+            "command": "sana-sr pretrain-tiny " + " ".join(sys.argv[2:] if argv is None else argv),
+            "photos": [str(p) for p, _ in loaded], "scaling_factor": pipe.vae.config.scaling_factor,
+            "dc-ae reconstruction PSNR": reconstruction_psnr(pipe.vae.cpu(), checked),
+            "final loss": {name: {k: v for k, v in read_metrics(work / name)[-1].items() if k.startswith("loss/")}
+                           for name in ("dc-ae", "dit")},
+        }
+        with atomic_directory(args.out) as tmp:
+            pipe.vae.save_pretrained(tmp / "dc-ae")
+            pipe.transformer.save_pretrained(tmp / "sana" / "transformer")
+            pipe.text_encoder.save_pretrained(tmp / "sana" / "text_encoder")
+            pipe.tokenizer.save_pretrained(tmp / "sana" / "tokenizer")
+            for name in ("dc-ae", "dit"):
+                shutil.copy(work / name / "metrics.jsonl", tmp / f"metrics-{name}.jsonl")
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(report["dc-ae reconstruction PSNR"]), f"\nwrote {args.out}", flush=True)
+    accelerator.end_training()
     return 0
