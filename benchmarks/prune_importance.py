@@ -39,11 +39,14 @@ from compress import FeatureTap  # noqa: E402
 from compress.pruning import DistillWeights, distillation_loss, feature_pairs  # noqa: E402
 from sana_sr import SanaSRPipeline, build_pipeline  # noqa: E402
 from sana_sr.atomic import atomic_directory, atomic_file  # noqa: E402
-from sana_sr.data.calibration_pairs import calibration_batches  # noqa: E402
+from sana_sr.data.calibration_pairs import (
+    calibration_batches,  # noqa: E402
+    prepare_batches,  # noqa: E402
+)
 from sana_sr.evaluation.metrics.fidelity import psnr_y, ssim_y, to_8bit_levels  # noqa: E402
 from sana_sr.model.pipeline import predict_velocity  # noqa: E402
 from sana_sr.pruning.dit_structure import block_names  # noqa: E402
-from sana_sr.pruning.prompt_aware import PruneSettings, importance_scores, prepare_batches, prune_pipeline  # noqa: E402
+from sana_sr.pruning.prompt_aware import PruneSettings, importance_scores, prune_pipeline  # noqa: E402
 
 SET5 = Path("/work/shared/data/Set5/HR")
 EVAL_PROMPTS = {

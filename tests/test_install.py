@@ -4,6 +4,7 @@ installed package, from any working directory, never from the source checkout.""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sysconfig
 import venv
@@ -28,8 +29,12 @@ def installed(tmp_path_factory) -> Path:
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
-                    str(REPO)], check=True, capture_output=True, text=True, cwd=root)
+    # Built from a copy: setuptools leaves build/ and *.egg-info beside the sources it builds.
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "runs", "__pycache__",
+                                                                 ".pytest_cache", "wandb", ".venv"))
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(source)],
+                   check=True, capture_output=True, text=True, cwd=root)
     return root / "venv" / "bin"
 
 

@@ -3,7 +3,8 @@
 The degradation is a hook (`Degradation`, any callable `(hq (B, 3, H, W) in [0, 1], scale, generator) -> lq`); the
 default is training's Real-ESRGAN second-order degradation with every draw seeded from `generator`.
 Prompts: a caption file next to each image (`photo.png` -> `photo.txt`), the bundled photos' captions, or "".
-Unreadable or too-small images are skipped with a warning naming them; none left is an error.
+Unreadable or too-small images are skipped with a warning naming them; none left is an error. `prepare_batches`
+encodes pairs once through a pipeline's frozen parts, for the losses of pruning and quantization.
 """
 
 from __future__ import annotations
@@ -123,3 +124,50 @@ def calibration_batches(
         hq = torch.stack(crops)
         batches.append(CalibrationBatch(lq=degradation(hq, scale, generator), hq=hq, prompts=texts))
     return batches
+
+
+@dataclass
+class PreparedBatch:
+    """A calibration batch in the form the SR loss consumes (the frozen parts precomputed)."""
+
+    latents: torch.Tensor
+    target: torch.Tensor
+    """HQ in [-1, 1]."""
+    embeds: torch.Tensor
+    mask: torch.Tensor
+
+
+@torch.no_grad()
+def prepare_batches(pipe, batches: Sequence[CalibrationBatch], null_prompt: bool = False,
+                    stored_prompt: bool = False) -> list[PreparedBatch]:
+    """Encode LQ (bicubic-upsampled, as in inference) and prompts once; the HQ becomes the target.
+
+    Prompts: the batch's (embeddings, else its texts through the text encoder); with `null_prompt` the empty
+    prompt; with `stored_prompt` the pipeline's stored default prompt, what inference uses without a prompt."""
+    from sana_sr.model.pipeline import bicubic_upsample
+
+    prepared = []
+    device = pipe.vae.device
+    for batch in batches:
+        b, _, h, w = batch.hq.shape
+        latents = pipe.encode(bicubic_upsample(batch.lq.to(device), h, w) * 2 - 1)
+        if null_prompt:
+            embeds, mask = _null_prompt(pipe, b)
+        elif stored_prompt:
+            embeds, mask = pipe.encode_prompt(None, b)
+        elif batch.prompt_embeds is not None:
+            embeds = batch.prompt_embeds.to(device)
+            mask = (batch.prompt_mask.to(device) if batch.prompt_mask is not None
+                    else torch.ones(embeds.shape[:2], dtype=torch.long, device=device))
+        else:
+            embeds, mask = pipe.encode_prompt(list(batch.prompts), b)
+        prepared.append(PreparedBatch(latents, batch.hq.to(device) * 2 - 1, embeds, mask))
+    return prepared
+
+
+def _null_prompt(pipe, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if pipe.text_encoder is not None and pipe.tokenizer is not None:
+        return pipe.encode_prompt([""] * batch_size, batch_size)
+    if pipe.default_prompt is not None and pipe.default_prompt.config.prompt == "":
+        return pipe.encode_prompt(None, batch_size)
+    raise ValueError("null-prompt importance needs a text encoder or a stored default prompt of \"\"")

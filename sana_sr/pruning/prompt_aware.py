@@ -32,8 +32,8 @@ from compress.pruning import (
     uniform_plan,
 )
 from sana_sr.atomic import atomic_directory
-from sana_sr.data.calibration_pairs import CalibrationBatch
-from sana_sr.model.pipeline import SanaSRPipeline, bicubic_upsample, one_step_restore
+from sana_sr.data.calibration_pairs import CalibrationBatch, PreparedBatch, prepare_batches
+from sana_sr.model.pipeline import SanaSRPipeline, one_step_restore
 
 IMPORTANCE = ("taylor", "taylor-null", "magnitude", "none")
 PLANS = ("greedy", "uniform")
@@ -87,51 +87,6 @@ class PruneSettings:
     @property
     def metric(self) -> str:
         return "params" if self.target_params is not None else "macs"
-
-
-@dataclass
-class PreparedBatch:
-    """A calibration batch in the form the SR loss consumes (the frozen parts precomputed)."""
-
-    latents: torch.Tensor
-    target: torch.Tensor
-    """HQ in [-1, 1]."""
-    embeds: torch.Tensor
-    mask: torch.Tensor
-
-
-@torch.no_grad()
-def prepare_batches(pipe: SanaSRPipeline, batches: Sequence[CalibrationBatch], null_prompt: bool = False,
-                    stored_prompt: bool = False) -> list[PreparedBatch]:
-    """Encode LQ (bicubic-upsampled, as in inference) and prompts once; the HQ becomes the target.
-
-    Prompts: the batch's (embeddings, else its texts through the text encoder); with `null_prompt` the empty
-    prompt; with `stored_prompt` the pipeline's stored default prompt, what inference uses without a prompt."""
-    prepared = []
-    device = pipe.vae.device
-    for batch in batches:
-        b, _, h, w = batch.hq.shape
-        latents = pipe.encode(bicubic_upsample(batch.lq.to(device), h, w) * 2 - 1)
-        if null_prompt:
-            embeds, mask = _null_prompt(pipe, b)
-        elif stored_prompt:
-            embeds, mask = pipe.encode_prompt(None, b)
-        elif batch.prompt_embeds is not None:
-            embeds = batch.prompt_embeds.to(device)
-            mask = (batch.prompt_mask.to(device) if batch.prompt_mask is not None
-                    else torch.ones(embeds.shape[:2], dtype=torch.long, device=device))
-        else:
-            embeds, mask = pipe.encode_prompt(list(batch.prompts), b)
-        prepared.append(PreparedBatch(latents, batch.hq.to(device) * 2 - 1, embeds, mask))
-    return prepared
-
-
-def _null_prompt(pipe: SanaSRPipeline, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if pipe.text_encoder is not None and pipe.tokenizer is not None:
-        return pipe.encode_prompt([""] * batch_size, batch_size)
-    if pipe.default_prompt is not None and pipe.default_prompt.config.prompt == "":
-        return pipe.encode_prompt(None, batch_size)
-    raise ValueError("null-prompt importance needs a text encoder or a stored default prompt of \"\"")
 
 
 def sr_loss(pipe: SanaSRPipeline, transformer: torch.nn.Module, batch: PreparedBatch) -> torch.Tensor:

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- calibration data ------------------------------------------------------------------------------------------------
 def latent_batches(pipe, pairs: list[CalibrationBatch]) -> list[dict]:
     """LatentRestorer inputs: LQ -> bicubic up -> DC-AE encode (full precision) -> z_L, with the stored prompt."""
-    from sana_sr.pruning.prompt_aware import prepare_batches
+    from sana_sr.data.calibration_pairs import prepare_batches
 
     return [dict(latents=b.latents, prompt_embeds=b.embeds, prompt_mask=b.mask)
             for b in prepare_batches(pipe, pairs, stored_prompt=True)]

@@ -116,7 +116,9 @@ class SRObjective:
         """The student's one step, and its weighted distillation loss against the teacher on the same input."""
         from compress import FeatureTap
         from compress.pruning.distill import DistillWeights, distillation_loss, feature_pairs
-        from sana_sr.pruning.dit_structure import block_names
+
+        def block_names(dit: torch.nn.Module) -> list[str]:
+            return [f"transformer_blocks.{i}" for i in range(len(dit.transformer_blocks))]
 
         t = torch.full((z_lq.shape[0],), self.timestep, device=z_lq.device)
         with FeatureTap(transformer, block_names(transformer)) as student_features:
