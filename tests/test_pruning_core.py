@@ -1,6 +1,6 @@
-"""compress.pruning on the real diffusers SanaTransformer2DModel (tiny config, random weights): the exact value/gate
-split, torch-pruning's MetaPruner made to work, pruning = masking for heads / channels / blocks, the cost model,
-plans, and the distillation loss."""
+"""compress.pruning on the real diffusers SanaTransformer2DModel through `SanaDiTStructure` (tiny config, random
+weights): the exact value/gate split, torch-pruning's MetaPruner made to work, pruning = masking for heads /
+channels / blocks, the cost model, plans, and the distillation loss."""
 
 from __future__ import annotations
 
@@ -15,27 +15,33 @@ from diffusers import SanaTransformer2DModel
 
 from compress import FeatureTap
 from compress.pruning import (
-    BlockWidths,
     CostModel,
     DistillWeights,
-    PrunedSanaTransformer2DModel,
     PruningPlan,
     Scores,
     apply_plan,
     distillation_loss,
     feature_pairs,
     greedy_plan,
-    merge_glu,
     meta_pruner,
-    model_widths,
     score,
-    skeleton,
-    split_glu,
-    sync_heads,
     uniform_plan,
 )
 from sana_sr.model.presets import get_preset
-from sana_sr.pruning.dit_structure import block_names, example_inputs, forward_fn
+from sana_sr.pruning.dit_structure import (
+    BlockWidths,
+    block_names,
+    example_inputs,
+    forward_fn,
+    merge_glu,
+    model_widths,
+    split_glu,
+    sync_heads,
+)
+from sana_sr.pruning.model import PrunedSanaTransformer2DModel, skeleton
+from sana_sr.pruning.structure import SanaDiTStructure
+
+DIT = SanaDiTStructure()
 
 
 def tiny_dit(seed: int = 0) -> SanaTransformer2DModel:
@@ -56,7 +62,7 @@ def run(model, x) -> torch.Tensor:
 
 
 def count(model) -> tuple[int, int]:
-    """Params, and MACs by the project's counter (sana_sr.cost) at 8x8 latents and 6 text tokens."""
+    """Params, and MACs by the project's counter (sana_sr.model.cost) at 8x8 latents and 6 text tokens."""
     from sana_sr.model.cost import dit_cost
 
     c = dit_cost(model, (8, 8), 6)
@@ -83,7 +89,7 @@ def test_stock_metapruner_fails_and_the_prepared_model_prunes():
         tp.pruner.MetaPruner(copy.deepcopy(model), x, tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5,
                              forward_fn=forward_fn).step()
     split_glu(model)
-    pruner = meta_pruner(model, tp.importance.GroupMagnitudeImportance(), x, pruning_ratio=0.5,
+    pruner = meta_pruner(DIT, model, tp.importance.GroupMagnitudeImportance(), x, pruning_ratio=0.5,
                          head_pruning_ratio=0.5)
     pruner.step()
     sync_heads(model)
@@ -118,7 +124,7 @@ def test_pruning_removes_exactly_what_masking_removes():
         plan.keep[(b, "cross_heads")] = [1] if b == 0 else [0, 1]
         plan.keep[(b, "channels")] = list(range(b, 160, 3))
     reference = run(_masked_reference(model, plan), x)
-    pruned = apply_plan(model, plan)
+    pruned = apply_plan(DIT, model, plan)
     assert isinstance(pruned, PrunedSanaTransformer2DModel)
     assert pruned.widths == plan.widths() == [BlockWidths(2, 1, 54), BlockWidths(2, 2, 53), BlockWidths(1, 2, 53)]
     assert [b.attn1.heads for b in pruned.transformer_blocks] == [2, 2, 1]
@@ -157,7 +163,7 @@ def test_greedy_plan_lands_just_under_the_target(metric):
     costs = CostModel.measure(lambda w: skeleton(model.config, w), count, widths[0])
     target = 0.5 * costs.total(widths).get(metric)
     plan = greedy_plan(_fake_scores(widths), widths, costs, target, metric=metric,
-                       structures=("heads", "cross_heads", "channels", "depth"), channel_multiple=4)
+                       structures=("heads", "cross_heads", "channels", "depth"), channel_multiples={"channels": 4})
     got = costs.total(plan.widths()).get(metric)
     assert 0.98 * target <= got <= target
     assert all(w.channels % 4 == 0 and w.heads >= 1 and w.cross_heads >= 1 for w in plan.widths())
@@ -168,7 +174,7 @@ def test_uniform_plan_keeps_the_same_fraction_everywhere():
     widths = model_widths(model)
     costs = CostModel.measure(lambda w: skeleton(model.config, w), count, widths[0])
     target = 0.6 * costs.total(widths).params
-    plan = uniform_plan(widths, costs, target)
+    plan = uniform_plan(widths, costs, target, channel_multiples={"channels": 1})
     assert len(set(plan.widths())) == 1 and plan.kept_blocks == [0, 1, 2, 3]
     assert 0.98 * target <= costs.total(plan.widths()).params <= target
     assert plan.keep[(0, "heads")] == list(range(plan.widths()[0].heads))  # no scores: the first units
@@ -179,7 +185,7 @@ def test_magnitude_scores_follow_the_weights():
     with torch.no_grad():
         model.transformer_blocks[1].attn1.to_v.weight[16:32] *= 10  # head 1 of block 1
         model.transformer_blocks[2].ff.conv_point.weight[:, 7] *= 10  # channel 7 of block 2
-    scores = score(model, "magnitude")
+    scores = score(DIT, model, "magnitude")
     assert int(scores.units[(1, "heads")].argmax()) == 1
     assert int(scores.units[(2, "channels")].argmax()) == 7
     assert isinstance(model.transformer_blocks[0].ff, type(tiny_dit().transformer_blocks[0].ff))  # merged back
@@ -189,7 +195,7 @@ def test_taylor_scores_every_unit_and_block():
     model = tiny_dit()
     x = inputs(model)
     target = torch.randn_like(run(model, x))
-    scores = score(model, "taylor", lambda m, t: ((forward_fn(m, x) - t) ** 2).mean(), [target, target * 0.5])
+    scores = score(DIT, model, "taylor", lambda m, t: ((forward_fn(m, x) - t) ** 2).mean(), [target, target * 0.5])
     assert scores.batches == 2 and len(scores.losses) == 2
     assert all(v.shape[0] == n for (b, k), v in scores.units.items()
                for n in [model_widths(model)[b].get(k)])
@@ -199,7 +205,7 @@ def test_taylor_scores_every_unit_and_block():
 
 def test_distillation_loss_terms_and_gradients():
     teacher = tiny_dit()
-    student = apply_plan(copy.deepcopy(teacher), PruningPlan(
+    student = apply_plan(DIT, copy.deepcopy(teacher), PruningPlan(
         kept_blocks=[0, 2], keep={(b, k): list(range(n)) for b in (0, 2)
                                   for k, n in (("heads", 2), ("cross_heads", 1), ("channels", 40))}))
     x = inputs(teacher)
