@@ -68,7 +68,7 @@ def _gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
 def simple_degradation(hq: torch.Tensor, scale: int, generator: torch.Generator) -> torch.Tensor:
     """Per image: Gaussian blur (sigma in [0.4, 1.6]), bicubic x1/scale, Gaussian noise (sigma in [1, 8]/255),
     JPEG (quality in [50, 95]), 8-bit levels. This benchmark's degradation as it was measured (docs/pruning.md);
-    the project's calibration uses the Real-ESRGAN one (sana_sr.calibration.realesrgan_degradation)."""
+    the project's calibration uses the Real-ESRGAN one (sana_sr.data.calibration_pairs.realesrgan_degradation)."""
     out = []
     for image in hq:
         u = torch.rand(4, generator=generator).tolist()

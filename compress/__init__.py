@@ -1,6 +1,6 @@
 """Model-agnostic low-bit compression: SPR²Q and CompSRT quantization, min-max and 2DQuant-style baselines, and a
 real packed export (n-bit integers in safetensors, not fake quantization on disk); `compress.pruning`: structured
-pruning of the SANA DiT on torch-pruning's dependency graph.
+pruning on torch-pruning's dependency graph of any model that describes its blocks as a `PrunableStructure`.
 
 Takes any torch.nn.Module and a list of calibration batches; imports nothing from sana_sr.
 

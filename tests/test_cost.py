@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sana_sr import cost
+from sana_sr.model import cost
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cost.md"
 SIZES = [(512, 512), (1024, 1024), (2048, 2048)]

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.pruning import PrunedSanaTransformer2DModel, load_pruned_transformer
-from sana_sr import SanaSRPipeline, build_pipeline, cost
+from sana_sr import SanaSRPipeline, build_pipeline
 from sana_sr.data.calibration_pairs import calibration_batches
+from sana_sr.model import cost
+from sana_sr.pruning.model import PrunedSanaTransformer2DModel, load_pruned_transformer
 from sana_sr.pruning.prompt_aware import PruneSettings, importance_scores, prune_pipeline
 from sana_sr.pruning.prune import main as prune_main
 from sana_sr.pruning.prune import parse_target

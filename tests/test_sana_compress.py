@@ -75,7 +75,7 @@ def test_cli_compresses_reloads_exactly_and_upscales(tiny_pipe, tmp_path, capsys
 
     from PIL import Image
 
-    from sana_sr import upscale
+    from sana_sr.model import upscale
 
     Image.fromarray((lq[0].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "lq.png")
     assert upscale.main([str(tmp_path / "lq.png"), "-o", str(tmp_path / "sr"), "--model", str(out_dir)]) == 0

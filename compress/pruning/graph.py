@@ -1,19 +1,11 @@
-"""torch-pruning's dependency graph over the SANA DiT, with one checked group per prunable layer.
+"""torch-pruning's dependency graph over a `PrunableStructure`, with one checked group per prunable layer.
 
-What makes MetaPruner fail on the stock model, and what is done about each:
-
-- the GLU `chunk` couples hidden channel i with i + c (see `sana_dit`): the feed-forward is split into value and
-  gate convs first, after which the group of `value_inverted` is one-to-one over the c hidden channels;
-- `scale_shift_table` (per block and at the output) and the caption norm's weight are bare `nn.Parameter`s on the
-  residual width, and the AdaLN modulation `chunk`s a (B, 6, D) tensor on dim 1, which the graph reads as a split of
-  channels: the residual width is never pruned here (the issue keeps it), so these parameters are declared as
-  unwrapped on their feature dim and the residual layers are ignored, which keeps the mis-mapped split out of every
-  group we prune;
-- heads: the processors reshape with `attn.heads`; groups are pruned a whole head at a time and `sync_heads` resets
-  `heads` from the new widths.
-
-Every group is checked against the layers it must contain before anything is pruned, so a change in diffusers or
-torch-pruning that altered the coupling fails loudly instead of producing a broken model.
+torch-pruning traces the model and couples every layer whose channels must be cut together. On real models that
+coupling can be wrong (a chunk read as a channel split, a shared width mapped past its end); the structure's
+`prepare` and `unwrapped_parameters` make it right (see `sana_sr.pruning.structure` for the SANA DiT), and here
+every group is checked against the layers the structure says it must contain, with a one-to-one index mapping,
+before anything is pruned: a change in the model or in torch-pruning that altered the coupling fails loudly
+instead of producing a broken model.
 """
 
 from __future__ import annotations
@@ -22,20 +14,18 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from sana_sr.pruning.dit_structure import (
-    KINDS,
-    SplitGLUMBConv,
-    blocks_of,
-    example_inputs,
-    forward_fn,
-    head_dims,
-    sync_heads,
-)
+from .structure import GroupSpec, PrunableStructure
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
+
+# Layers that carry channels of a group even without parameters (a norm's shape): an unexpected one is refused.
+_SHAPED = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
 @dataclass(frozen=True)
@@ -45,31 +35,11 @@ class PrunableLayer:
     block: int
     """Index of the block in the model the graph was built on."""
     kind: str
-    """"heads", "cross_heads" or "channels"."""
+    """One of the structure's kinds ("heads", "channels", ...)."""
     unit_size: int
     """Channels per unit: the head size, or 1."""
     units: int
     """Units the layer has now."""
-
-
-def _root_and_members(block: nn.Module, kind: str) -> tuple[nn.Module, list[tuple[nn.Module, bool]]]:
-    """The layer whose out channels root the group, and every (layer, is_out) the group must prune."""
-    if kind == "channels":
-        ff = block.ff
-        members = [(ff.value_inverted, True), (ff.gate_inverted, True), (ff.value_depth, True),
-                   (ff.gate_depth, True), (ff.conv_point, False)]
-        return ff.value_inverted, members
-    attn = block.attn1 if kind == "heads" else block.attn2
-    return attn.to_q, [(attn.to_q, True), (attn.to_k, True), (attn.to_v, True), (attn.to_out[0], False)]
-
-
-def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    """The bare parameters of the DiT with the dim that holds the residual width."""
-    params = [(model.scale_shift_table, 1)] + [(b.scale_shift_table, 1) for b in blocks_of(model)]
-    caption_norm = getattr(model, "caption_norm", None)
-    if caption_norm is not None and getattr(caption_norm, "weight", None) is not None:
-        params.append((caption_norm.weight, 0))
-    return params
 
 
 @contextmanager
@@ -89,54 +59,82 @@ def traceable(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class SanaDependencyGraph:
-    """The dependency graph of a SanaTransformer2DModel whose feed-forwards are `SplitGLUMBConv`s.
+def _out_channels(layer: nn.Module) -> int:
+    """Out channels of an nn.Linear or a conv (the only roots a structure may name)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
+        return layer.out_channels
+    raise TypeError(f"a group root must be an nn.Linear or a (non-transposed) conv, got {type(layer).__name__}")
+
+
+def _carries_channels(module: object) -> bool:
+    if isinstance(module, nn.Parameter):
+        return True
+    return isinstance(module, nn.Module) and (isinstance(module, _SHAPED) or
+                                              any(True for _ in module.parameters(recurse=False)))
+
+
+class PruningGraph:
+    """The dependency graph of a prepared model (`structure.prepare(model)` done).
 
     `layers` lists every prunable layer; `group(layer)` is its full torch-pruning group (for scoring);
     `prune(layer, units)` removes units through the graph, so every coupled layer is cut consistently.
     """
 
-    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor] | None = None):
-        if any(not isinstance(b.ff, SplitGLUMBConv) for b in blocks_of(model)):
-            raise ValueError("split the feed-forwards first (compress.pruning.split_glu(model)): torch-pruning "
-                             "cannot rank the channels of GLUMBConv's chunked 2c-channel convs consistently")
+    def __init__(self, structure: PrunableStructure, model: nn.Module, inputs: object | None = None):
+        # Imported here, not at the top: the structures and the pruned models' classes import this package, and
+        # loading a pruned model must work without the optional torch-pruning.
+        import torch_pruning as tp
+
+        self.structure = structure
         self.model = model
-        self.head_dim, self.cross_head_dim = head_dims(model.config)
-        inputs = inputs if inputs is not None else example_inputs(model)
+        for block in structure.blocks(model):  # an unprepared model fails here, with the structure's reason
+            structure.layers(model, block)
+        inputs = inputs if inputs is not None else structure.example_inputs(model)
         with traceable(model):
             self.DG = tp.DependencyGraph().build_dependency(
-                model, example_inputs=inputs, forward_fn=forward_fn,
-                unwrapped_parameters=unwrapped_parameters(model), verbose=False,
+                model, example_inputs=inputs, forward_fn=structure.forward_fn,
+                unwrapped_parameters=structure.unwrapped_parameters(model), verbose=False,
             )
         self._groups: dict[tuple[int, str], tp.dependency.Group] = {}
         for layer in self.layers:
             self._check(layer, self.group(layer))
 
     # -- layers and their groups --------------------------------------------------------------------------------
-    def kinds(self, block: nn.Module) -> list[str]:
-        return [k for k in KINDS if k != "cross_heads" or getattr(block, "attn2", None) is not None]
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.structure.blocks(self.model)
+
+    def _spec(self, block: int, kind: str) -> GroupSpec:
+        for spec in self.structure.layers(self.model, self.blocks[block]):
+            if spec.kind == kind:
+                return spec
+        raise KeyError(f"no prunable {kind!r} layer in block {block}")
+
+    def layers_of(self, block: int) -> list[PrunableLayer]:
+        out = []
+        for spec in self.structure.layers(self.model, self.blocks[block]):
+            channels = _out_channels(spec.root)
+            if channels % spec.unit_size:
+                raise ValueError(f"block {block} {spec.kind}: {channels} channels are not whole units of "
+                                 f"{spec.unit_size}; check the structure's unit size")
+            out.append(PrunableLayer(block, spec.kind, spec.unit_size, channels // spec.unit_size))
+        return out
 
     @property
     def layers(self) -> list[PrunableLayer]:
-        out = []
-        for i, block in enumerate(blocks_of(self.model)):
-            for kind in self.kinds(block):
-                size = {"heads": self.head_dim, "cross_heads": self.cross_head_dim, "channels": 1}[kind]
-                root, _ = _root_and_members(block, kind)
-                out.append(PrunableLayer(i, kind, size, root.out_features // size if kind != "channels"
-                                         else root.out_channels))
-        return out
+        return [layer for b in range(len(self.blocks)) for layer in self.layers_of(b)]
 
     def layer(self, block: int, kind: str) -> PrunableLayer:
-        for layer in self.layers:
-            if layer.block == block and layer.kind == kind:
+        for layer in self.layers_of(block):
+            if layer.kind == kind:
                 return layer
         raise KeyError(f"no prunable {kind!r} layer in block {block}")
 
     def _root(self, layer: PrunableLayer) -> tuple[nn.Module, object]:
-        root, _ = _root_and_members(blocks_of(self.model)[layer.block], layer.kind)
-        fn = tp.prune_conv_out_channels if layer.kind == "channels" else tp.prune_linear_out_channels
-        return root, fn
+        root = self._spec(layer.block, layer.kind).root
+        return root, self.DG.get_pruner_of_module(root).prune_out_channels
 
     def group(self, layer: PrunableLayer) -> tp.dependency.Group:
         """The full group of `layer` (every channel), cached until the next `prune`."""
@@ -147,13 +145,13 @@ class SanaDependencyGraph:
         return self._groups[key]
 
     def _check(self, layer: PrunableLayer, group: tp.dependency.Group) -> None:
-        _, members = _root_and_members(blocks_of(self.model)[layer.block], layer.kind)
+        members = self._spec(layer.block, layer.kind).members
         expected = {(id(m), out) for m, out in members}
         found, names = set(), {}
         n = layer.units * layer.unit_size
         for item in group:
             module, fn = item.dep.target.module, item.dep.handler
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Parameter)) or isinstance(module, nn.LayerNorm):
+            if _carries_channels(module):
                 key = (id(module), self.DG.is_out_channel_pruning_fn(fn))
                 found.add(key)
                 names[key] = self.DG._module2name.get(module, type(module).__name__)
@@ -181,31 +179,33 @@ class SanaDependencyGraph:
             raise RuntimeError(f"torch-pruning refused to prune {len(idxs)} channels of block {layer.block} {layer.kind}")
         group.prune()
         self._groups.clear()
-        sync_heads(self.model)
+        self.structure.after_cut(self.model)
 
 
-def meta_pruner(model: nn.Module, importance: tp.importance.Importance, inputs: dict | None = None,
-                **kwargs) -> tp.pruner.MetaPruner:
-    """torch-pruning's own `MetaPruner`, configured so that it works on the (split) SANA DiT.
+def meta_pruner(structure: PrunableStructure, model: nn.Module, importance: tp.importance.Importance,
+                inputs: object | None = None, **kwargs) -> tp.pruner.MetaPruner:
+    """torch-pruning's own `MetaPruner`, restricted to the structure's prunable layers of a prepared model.
 
-    It prunes heads of both attentions (whole heads, `head_pruning_ratio`) and GLU channels (`pruning_ratio`),
-    never the residual width. Call `sync_heads(model)` after `step()`. `kwargs` go to MetaPruner.
+    Layers with units wider than one channel are pruned a whole head at a time (`head_pruning_ratio`), the others
+    channel by channel (`pruning_ratio`); every other layer is ignored. Call `structure.after_cut(model)` after
+    `step()`. `kwargs` go to MetaPruner.
     """
-    if any(not isinstance(b.ff, SplitGLUMBConv) for b in blocks_of(model)):
-        raise ValueError("split the feed-forwards first (compress.pruning.split_glu(model))")
+    import torch_pruning as tp  # optional dependency: see PruningGraph.__init__
+
     keep = set()
     num_heads = {}
-    for block in blocks_of(model):
-        for attn in (block.attn1, getattr(block, "attn2", None)):
-            if attn is not None:
-                keep.update({attn.to_q, attn.to_k, attn.to_v})
-                num_heads.update({attn.to_q: attn.heads, attn.to_k: attn.heads, attn.to_v: attn.heads})
-        keep.update({block.ff.value_inverted, block.ff.gate_inverted, block.ff.value_depth, block.ff.gate_depth})
-    # Every other layer with parameters carries the residual width (or the timestep / caption MLPs): not pruned.
-    ignored = [m for m in model.modules() if m not in keep and isinstance(m, (nn.Linear, nn.Conv2d))]
+    for block in structure.blocks(model):
+        for spec in structure.layers(model, block):
+            outs = [m for m, is_out in spec.members if is_out]
+            keep.update(outs)
+            if spec.unit_size > 1:
+                num_heads.update({m: _out_channels(m) // spec.unit_size for m in outs
+                                  if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))})
+    # Every other layer with parameters (a residual width, an embedding MLP): not pruned.
+    ignored = [m for m in model.modules() if m not in keep and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     options = dict(prune_num_heads=True, prune_head_dims=False, num_heads=num_heads, ignored_layers=ignored,
-                   unwrapped_parameters=unwrapped_parameters(model), forward_fn=forward_fn)
+                   unwrapped_parameters=structure.unwrapped_parameters(model), forward_fn=structure.forward_fn)
     options.update(kwargs)
     with traceable(model):
-        return tp.pruner.MetaPruner(model, inputs if inputs is not None else example_inputs(model), importance,
-                                    **options)
+        return tp.pruner.MetaPruner(model, inputs if inputs is not None else structure.example_inputs(model),
+                                    importance, **options)

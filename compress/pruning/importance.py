@@ -1,7 +1,8 @@
-"""Importance of every prunable unit (head, GLU channel) and block, aggregated over torch-pruning's groups.
+"""Importance of every prunable unit (head, channel) and block, aggregated over torch-pruning's groups.
 
-Two estimators, both summed over every parameter slice a unit owns in its dependency group (q, k, v rows and the
-`to_out` columns of a head; value and gate rows of both convs and the `conv_point` column of a channel):
+Two estimators, both summed over every parameter slice a unit owns in its dependency group (for an attention head:
+its q, k, v rows and `to_out` columns; for a GLU channel: value and gate rows of both convs and the output conv's
+column):
 
 - first-order Taylor: s_u = |sum_{w in u} w * dL/dw| per calibration batch, averaged over batches: the first-order
   change of the loss when the unit is zeroed. The loss is whatever `loss_fn` computes (for SANA-SR: the one-step
@@ -19,9 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sana_sr.pruning.dit_structure import blocks_of
-
-from .graph import PrunableLayer, SanaDependencyGraph
+from .graph import PrunableLayer, PruningGraph
 
 
 @dataclass
@@ -44,7 +43,8 @@ class Scores:
                 "blocks": self.blocks.tolist(),
                 "units": {f"{b}/{k}": v.tolist() for (b, k), v in sorted(self.units.items())}}
 
-def unit_sums(graph: SanaDependencyGraph, layer: PrunableLayer,
+
+def unit_sums(graph: PruningGraph, layer: PrunableLayer,
               stat: Callable[[nn.Parameter], torch.Tensor]) -> torch.Tensor:
     """sum of stat(p) over each unit's slices of every parameter in the layer's dependency group (float64)."""
     scores = torch.zeros(layer.units, dtype=torch.float64)
@@ -80,24 +80,26 @@ def _square(p: nn.Parameter) -> torch.Tensor:
     return p.detach() ** 2
 
 
-def magnitude_scores(graph: SanaDependencyGraph) -> Scores:
+def magnitude_scores(graph: PruningGraph) -> Scores:
     """Weight magnitude (sum of squares over each unit's group slices); a block scores the sum of its units."""
     units = {(layer.block, layer.kind): unit_sums(graph, layer, _square) for layer in graph.layers}
-    blocks = torch.zeros(len(blocks_of(graph.model)), dtype=torch.float64)
+    blocks = torch.zeros(len(graph.blocks), dtype=torch.float64)
     for (b, _), s in units.items():
         blocks[b] += s.sum()
     return Scores(units, blocks, "magnitude")
 
 
 @contextmanager
-def block_gates(blocks: nn.ModuleList) -> Iterator[torch.Tensor]:
-    """Gates g_i = 1 on each block's residual update (out = x + g_i (block(x) - x)); read g.grad after backward."""
+def block_gates(blocks: nn.ModuleList, input_name: str = "hidden_states") -> Iterator[torch.Tensor]:
+    """Gates g_i = 1 on each block's residual update (out = x + g_i (block(x) - x)); read g.grad after backward.
+
+    x is the block's first positional argument, or its keyword argument `input_name`."""
     p = next(blocks.parameters())
     gates = torch.ones(len(blocks), device=p.device, dtype=p.dtype, requires_grad=True)
 
     def hook_for(i: int):
         def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = args[0] if args else kwargs[input_name]
             return x + gates[i] * (output - x)
         return hook
 
@@ -110,7 +112,7 @@ def block_gates(blocks: nn.ModuleList) -> Iterator[torch.Tensor]:
 
 
 def taylor_scores(
-    graph: SanaDependencyGraph,
+    graph: PruningGraph,
     loss_fn: Callable[[nn.Module, object], torch.Tensor],
     batches: Iterable,
     method: str = "taylor",
@@ -118,8 +120,8 @@ def taylor_scores(
 ) -> Scores:
     """First-order Taylor importance of every unit and block of `graph.model` on `batches`.
 
-    `loss_fn(model, batch)` returns the scalar loss (the model is the split, unpruned DiT: it computes exactly what
-    the original does). Parameters get `requires_grad` for the duration; their grads are cleared afterwards.
+    `loss_fn(model, batch)` returns the scalar loss (the model is the prepared, unpruned model: it computes exactly
+    what the original does). Parameters get `requires_grad` for the duration; their grads are cleared afterwards.
     """
     model = graph.model
     layers = graph.layers
@@ -129,12 +131,12 @@ def taylor_scores(
     for p in model.parameters():
         p.requires_grad_(True)
     units = {(layer.block, layer.kind): torch.zeros(layer.units, dtype=torch.float64) for layer in layers}
-    blocks = torch.zeros(len(blocks_of(model)), dtype=torch.float64)
+    blocks = torch.zeros(len(graph.blocks), dtype=torch.float64)
     losses = []
     try:
         for batch in (progress(batches) if progress else batches):
             model.zero_grad(set_to_none=True)
-            with torch.enable_grad(), block_gates(blocks_of(model)) as gates:
+            with torch.enable_grad(), block_gates(graph.blocks, graph.structure.block_input) as gates:
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"calibration loss is {loss.item()} on batch {len(losses)}; "

@@ -1,39 +1,43 @@
-"""What to keep: a cost model of the DiT in its widths, and plans that meet a parameter or MAC target.
+"""What to keep: a cost model of a model in its per-block widths, and plans that meet a parameter or MAC target.
 
-Every counted cost of a SANA block is linear in its head and channel counts (projections, the linear attention's
-two products, the cross-attention's products with the text tokens, the 1x1 and depthwise convs), so
+When every counted cost of a block is linear in its unit counts (for the SANA DiT: projections, the linear
+attention's two products, the cross-attention's products with the text tokens, the 1x1 and depthwise convs),
 
-    cost = fixed + sum over kept blocks of (block + heads * c_h + cross_heads * c_x + channels * c_c)
+    cost = fixed + sum over kept blocks of (block + sum over kinds of units[kind] * c[kind])
 
-holds exactly; `CostModel.measure` reads the coefficients off a counter applied to a few tiny meta-device models
-and checks the linearity on another, so plans use the project's one counter, not a second formula.
+holds exactly; `CostModel.measure` reads the coefficients off a counter applied to a few tiny (meta-device) models
+and checks the linearity on another, so plans use the caller's one counter, not a second formula.
 
 `greedy_plan` removes, until the target is met, whichever next unit (or block) costs the least importance per
 unit of cost saved; `uniform_plan` keeps the same fraction of every layer (the only plan possible without values,
-e.g. on the meta device).
+e.g. on the meta device). Kinds come in two sorts: channel-like ones (many fine units, named in
+`channel_multiples` with the multiple their layers keep) and head-like ones (few coarse units, every layer keeping
+at least `min_units`).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from sana_sr.pruning.dit_structure import KINDS, BlockWidths
-
 from .importance import Scores
+from .structure import DEPTH, Widths
 
-STRUCTURES = ("heads", "cross_heads", "channels", "depth")
 METRICS = ("params", "macs")
 
 
 @dataclass(frozen=True)
 class Cost:
+    """Parameters and multiply-accumulates of one call."""
+
     params: float
+    """Parameter count."""
     macs: float
+    """MACs at the counter's input size."""
 
     def get(self, metric: str) -> float:
         return self.params if metric == "params" else self.macs
@@ -47,41 +51,42 @@ class Cost:
 
 @dataclass
 class CostModel:
-    """Params and MACs of a SANA DiT as an affine function of its per-block widths (at one input size)."""
+    """Params and MACs of a model as an affine function of its per-block widths (at one input size)."""
 
     fixed: Cost
     """Everything outside the blocks (patch/time/caption embeddings, output layer)."""
     block: Cost
     """One block at zero width (modulation table, output biases)."""
     unit: dict[str, Cost]
-    """kind -> the cost of one head / cross-attention head / GLU channel."""
+    """kind -> the cost of one unit (a head, a channel)."""
 
-    def total(self, widths: Sequence[BlockWidths]) -> Cost:
+    def total(self, widths: Sequence[Widths]) -> Cost:
         cost = self.fixed
         for w in widths:
             cost = cost + self.block_cost(w)
         return cost
 
-    def block_cost(self, w: BlockWidths) -> Cost:
+    def block_cost(self, w: Widths) -> Cost:
         cost = self.block
         for kind, c in self.unit.items():
             cost = cost + c.scale(w.get(kind))
         return cost
 
     @classmethod
-    def measure(cls, build: Callable[[list[BlockWidths]], torch.nn.Module],
-                count: Callable[[torch.nn.Module], tuple[int, int]], reference: BlockWidths) -> CostModel:
-        """Coefficients from `count(build(widths))` (params, MACs) on 0- and 1-block models; checked at `reference`."""
-        def cost(widths: list[BlockWidths]) -> Cost:
+    def measure(cls, build: Callable[[list[Widths]], torch.nn.Module],
+                count: Callable[[torch.nn.Module], tuple[int, int]], reference: Widths) -> CostModel:
+        """Coefficients from `count(build(widths))` (params, MACs) on 0- and 1-block models; checked at `reference`
+        (a block's widths, every kind listed: the kinds it has 0 of are left out of the model)."""
+        def cost(widths: list[Widths]) -> Cost:
             return Cost(*(float(v) for v in count(build(widths))))
 
         fixed = cost([])
-        kinds = [k for k in KINDS if reference.get(k) > 0]
-        base = BlockWidths(1, 1 if "cross_heads" in kinds else 0, 1)
+        kinds = [k for k in reference if reference[k] > 0]
+        base = Widths({k: 1 if k in kinds else 0 for k in reference})
         one = cost([base])
         unit = {}
         for kind in kinds:
-            more = BlockWidths(**{**base.as_dict(), kind: base.get(kind) + 1})
+            more = Widths({**base, kind: base[kind] + 1})
             d = cost([more])
             unit[kind] = Cost(d.params - one.params, d.macs - one.macs)
         block = Cost(one.params - fixed.params, one.macs - fixed.macs)
@@ -90,8 +95,8 @@ class CostModel:
         model = cls(fixed, block, unit)
         predicted, measured = model.total([reference]), cost([reference])
         if abs(predicted.params - measured.params) > 0.5 or abs(predicted.macs - measured.macs) > 0.5:
-            raise RuntimeError(f"the DiT's cost is not affine in its widths: predicted {predicted}, counted {measured} "
-                               f"at {reference}; the plan cannot rely on it")
+            raise RuntimeError(f"the model's cost is not affine in its widths: predicted {predicted}, counted "
+                               f"{measured} at {reference}; the plan cannot rely on it")
         return model
 
 
@@ -105,51 +110,65 @@ class PruningPlan:
     """(block, kind) -> kept unit indices (sorted), for every kept block and prunable kind."""
     notes: dict = field(default_factory=dict)
     """How the plan was made (target, predicted cost, ...), for the report."""
+    kinds: tuple[str, ...] = ()
+    """Every kind of the model, in order (a block lacking one gets 0 of it); empty: the kinds `keep` names."""
 
-    def widths(self) -> list[BlockWidths]:
-        out = []
-        for b in self.kept_blocks:
-            out.append(BlockWidths(**{k: len(self.keep.get((b, k), [])) for k in KINDS}))
-        return out
+    def widths(self) -> list[Widths]:
+        kinds = self.kinds or tuple(dict.fromkeys(k for _, k in self.keep))
+        return [Widths({k: len(self.keep.get((b, k), [])) for k in kinds}) for b in self.kept_blocks]
 
     def to_json(self) -> dict:
         return {"kept_blocks": self.kept_blocks, "notes": self.notes,
                 "keep": {f"{b}/{k}": v for (b, k), v in sorted(self.keep.items())}}
 
 
-def _check(target: float, metric: str, structures: Sequence[str]) -> None:
+def _kinds(widths: Sequence[Widths]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(k for w in widths for k in w))
+
+
+def _check(target: float, metric: str, structures: Sequence[str], kinds: Sequence[str]) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    bad = [s for s in structures if s not in STRUCTURES]
+    allowed = (*kinds, DEPTH)
+    bad = [s for s in structures if s not in allowed]
     if bad or not structures:
-        raise ValueError(f"structures must be a non-empty subset of {STRUCTURES}, got {list(structures)}")
+        raise ValueError(f"structures must be a non-empty subset of {allowed}, got {list(structures)}")
     if not target > 0:
         raise ValueError(f"the target must be positive, got {target}")
 
 
-def _minimum(kind: str, units: int, min_heads: int, channel_multiple: int, min_keep_fraction: float) -> int:
+def _rule(kind: str, min_units: int, channel_multiples: Mapping[str, int]) -> tuple[int, int]:
+    """(multiple, minimum) of a kind's layers: a channel-like kind keeps one chunk at least, a head-like one
+    `min_units`."""
+    m = channel_multiples.get(kind)
+    return (m, m) if m is not None else (1, min_units)
+
+
+def _minimum(units: int, multiple: int, minimum: int, min_keep_fraction: float) -> int:
     floor = math.ceil(min_keep_fraction * units - 1e-9)
-    if kind == "channels":
-        return min(units, max(channel_multiple, -(-floor // channel_multiple) * channel_multiple))
-    return min(units, max(min_heads, floor))
+    return min(units, max(minimum, -(-floor // multiple) * multiple))
 
 
-def greedy_plan(scores: Scores, widths: Sequence[BlockWidths], costs: CostModel, target: float,
-                metric: str = "params", structures: Sequence[str] = ("heads", "cross_heads", "channels"),
-                min_heads: int = 1, channel_multiple: int = 1, min_keep_fraction: float = 0.0) -> PruningPlan:
+def greedy_plan(scores: Scores, widths: Sequence[Widths], costs: CostModel, target: float,
+                metric: str = "params", structures: Sequence[str] | None = None, min_units: int = 1,
+                channel_multiples: Mapping[str, int] | None = None, min_keep_fraction: float = 0.0) -> PruningPlan:
     """Remove the least important unit per unit of cost saved until `costs.total <= target`, then add back the
     most recently removed units that still fit (so the result lands just under the target, not a head below it).
 
-    Channels go in chunks of `channel_multiple` (each layer keeps a multiple of it); a layer keeps at least
-    `min_heads` heads / `channel_multiple` channels and `min_keep_fraction` of its units (a global ranking can
-    otherwise empty a layer almost completely); at least one block stays.
+    `structures`: the kinds that may shrink, and "depth" (whole blocks); default every kind, no depth. A
+    channel-like kind (named in `channel_multiples`) goes in chunks of its multiple and each layer keeps a multiple
+    of it, at least one; a head-like kind keeps at least `min_units`; every layer keeps `min_keep_fraction` of its
+    units (a global ranking can otherwise empty a layer almost completely); at least one block stays.
     """
     if not 0 <= min_keep_fraction <= 1:
         raise ValueError(f"min_keep_fraction must be in [0, 1], got {min_keep_fraction}")
-    _check(target, metric, structures)
+    kinds = _kinds(widths)
+    structures = tuple(kinds if structures is None else structures)
+    channel_multiples = dict(channel_multiples or {})
+    _check(target, metric, structures, kinds)
     n_blocks = len(widths)
     alive = [True] * n_blocks
-    count = {(b, k): widths[b].get(k) for b in range(n_blocks) for k in KINDS if widths[b].get(k) > 0}
+    count = {(b, k): widths[b].get(k) for b in range(n_blocks) for k in kinds if widths[b].get(k) > 0}
     order = {key: torch.argsort(scores.units[key], stable=True).tolist() for key in count}  # least important first
     removed = {key: 0 for key in count}  # units of order[key] removed so far
     chunks: dict[tuple[int, str], list[int]] = {key: [] for key in count}  # sizes of removed chunks, in order
@@ -160,9 +179,9 @@ def greedy_plan(scores: Scores, widths: Sequence[BlockWidths], costs: CostModel,
         if kind not in structures or not alive[b]:
             return None
         left = count[key] - removed[key]
-        m = channel_multiple if kind == "channels" else 1
+        m, minimum = _rule(kind, min_units, channel_multiples)
         size = left % m or m
-        if left - size < _minimum(kind, count[key], min_heads, channel_multiple, min_keep_fraction):
+        if left - size < _minimum(count[key], m, minimum, min_keep_fraction):
             return None
         idx = order[key][removed[key]: removed[key] + size]
         score = float(scores.units[key][idx].sum())
@@ -175,10 +194,10 @@ def greedy_plan(scores: Scores, widths: Sequence[BlockWidths], costs: CostModel,
             heapq.heappush(heap, (nxt[0], key, removed[key], nxt[1]))
 
     def block_cost(b):
-        return costs.block_cost(BlockWidths(**{k: count.get((b, k), 0) - removed.get((b, k), 0) for k in KINDS}))
+        return costs.block_cost(Widths({k: count.get((b, k), 0) - removed.get((b, k), 0) for k in kinds}))
 
     log = []
-    depth = "depth" in structures
+    depth = DEPTH in structures
     while current > target:
         best_block = None
         if depth and sum(alive) > 1:
@@ -219,17 +238,20 @@ def greedy_plan(scores: Scores, widths: Sequence[BlockWidths], costs: CostModel,
 
     kept_blocks = [b for b in range(n_blocks) if alive[b]]
     keep = {key: sorted(order[key][removed[key]:]) for key in count if alive[key[0]]}
-    plan = PruningPlan(kept_blocks, keep)
+    plan = PruningPlan(kept_blocks, keep, kinds=kinds)
     plan.notes = {"plan": "greedy", "metric": metric, "target": target, "predicted": current,
                   "reached": current <= target, "structures": list(structures), "importance": scores.method,
                   "min_keep_fraction": min_keep_fraction}
     return plan
 
 
-def _uniform_counts(widths, r, structures, min_heads, channel_multiple, channels=None, block_order=None):
+def _uniform_counts(widths: Sequence[Widths], kinds: Sequence[str], r: float, structures: Sequence[str],
+                    min_units: int, channel_multiples: Mapping[str, int], common: Mapping[str, int],
+                    block_order: list[int] | None) -> tuple[list[int], dict[tuple[int, str], int]]:
+    """Kept blocks, and units kept per (block, kind), at fraction r; `common`: kind -> one count for every block."""
     n = len(widths)
     kept = list(range(n))
-    if "depth" in structures:
+    if DEPTH in structures:
         k = max(1, min(n, round(r * n)))
         if block_order is not None:
             kept = sorted(block_order[:k])
@@ -237,58 +259,62 @@ def _uniform_counts(widths, r, structures, min_heads, channel_multiple, channels
             kept = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [n // 2]
     out = {}
     for b in kept:
-        for kind in KINDS:
+        for kind in kinds:
             total = widths[b].get(kind)
             if total == 0:
                 continue
             if kind not in structures:
                 out[(b, kind)] = total
-            elif kind == "channels":
-                m = channel_multiple
-                c = channels if channels is not None else r * total
-                out[(b, kind)] = max(min(total, m), min(total, int(round(c / m)) * m))
-            else:
-                out[(b, kind)] = max(min(total, min_heads), min(total, round(r * total)))
+                continue
+            m, minimum = _rule(kind, min_units, channel_multiples)
+            c = common.get(kind, r * total)
+            out[(b, kind)] = max(min(total, minimum), min(total, int(round(c / m)) * m))
     return kept, out
 
 
-def uniform_plan(widths: Sequence[BlockWidths], costs: CostModel, target: float, metric: str = "params",
-                 structures: Sequence[str] = ("heads", "cross_heads", "channels"), min_heads: int = 1,
-                 channel_multiple: int = 1, scores: Scores | None = None) -> PruningPlan:
-    """Keep the same fraction r of every pruned structure, r the largest meeting the target; then one common
-    channel count is raised as far as the target allows. Units kept: the best by `scores`, or the first ones
-    (a structural plan, for models without values); blocks kept: evenly spaced, or the best by `scores`."""
-    _check(target, metric, structures)
+def uniform_plan(widths: Sequence[Widths], costs: CostModel, target: float, metric: str = "params",
+                 structures: Sequence[str] | None = None, min_units: int = 1,
+                 channel_multiples: Mapping[str, int] | None = None, scores: Scores | None = None) -> PruningPlan:
+    """Keep the same fraction r of every pruned structure, r the largest meeting the target; then each
+    channel-like kind's one common count (across blocks) is raised as far as the target allows. Units kept: the
+    best by `scores`, or the first ones (a structural plan, for models without values); blocks kept: evenly
+    spaced, or the best by `scores`. `structures`, `min_units`, `channel_multiples`: as in `greedy_plan`."""
+    kinds = _kinds(widths)
+    structures = tuple(kinds if structures is None else structures)
+    channel_multiples = dict(channel_multiples or {})
+    _check(target, metric, structures, kinds)
 
     def total(kept, counts):
-        return costs.total([BlockWidths(**{k: counts.get((b, k), 0) for k in KINDS}) for b in kept]).get(metric)
+        return costs.total([Widths({k: counts.get((b, k), 0) for k in kinds}) for b in kept]).get(metric)
 
     order = torch.argsort(scores.blocks, descending=True, stable=True).tolist() if scores is not None else None
 
-    def counts_at(r, channels=None):
-        return _uniform_counts(widths, r, structures, min_heads, channel_multiple, channels, order)
+    def counts_at(r, common):
+        return _uniform_counts(widths, kinds, r, structures, min_units, channel_multiples, common, order)
 
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(*counts_at(mid)) <= target else (lo, mid)
-    kept, counts = counts_at(lo)
-    if "channels" in structures:  # one common channel count, as high as the target allows
-        c_lo, c_hi = 0, max(w.channels for w in widths) // channel_multiple
+        lo, hi = (mid, hi) if total(*counts_at(mid, {})) <= target else (lo, mid)
+    common: dict[str, int] = {}
+    kept, counts = counts_at(lo, common)
+    for kind in (k for k in kinds if k in channel_multiples and k in structures):
+        m = channel_multiples[kind]
+        c_lo, c_hi = 0, max(w.get(kind) for w in widths) // m
         while c_lo < c_hi:
             mid = (c_lo + c_hi + 1) // 2
-            c_lo, c_hi = (mid, c_hi) if total(*counts_at(lo, mid * channel_multiple)) <= target else (c_lo, mid - 1)
-        kept, counts = counts_at(lo, c_lo * channel_multiple)
+            c_lo, c_hi = (mid, c_hi) if total(*counts_at(lo, {**common, kind: mid * m})) <= target else (c_lo, mid - 1)
+        common[kind] = c_lo * m
+        kept, counts = counts_at(lo, common)
     keep = {}
     for (b, kind), k in counts.items():
         if scores is None:
             keep[(b, kind)] = list(range(k))
         else:
             keep[(b, kind)] = sorted(torch.argsort(scores.units[(b, kind)], descending=True, stable=True)[:k].tolist())
-    plan = PruningPlan(kept, keep)
+    plan = PruningPlan(kept, keep, kinds=kinds)
     predicted = total(kept, counts)
     plan.notes = {"plan": "uniform", "metric": metric, "target": target, "predicted": predicted,
                   "reached": predicted <= target, "keep_fraction": lo, "structures": list(structures),
                   "importance": scores.method if scores is not None else "none (structural)"}
     return plan
-

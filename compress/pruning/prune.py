@@ -1,10 +1,10 @@
-"""Score, plan and prune a SanaTransformer2DModel: the model-agnostic driver of `compress.pruning`.
+"""Score, plan and prune any model that implements a `PrunableStructure`: the drivers of `compress.pruning`.
 
-    scores = score(dit, "taylor", loss_fn, batches)          # or "magnitude" (no data)
-    costs = CostModel.measure(lambda w: skeleton(dit.config, w), count, model_widths(dit)[0])
-    plan = greedy_plan(scores, model_widths(dit), costs, target=0.5 * costs.total(model_widths(dit)).params)
-    pruned = apply_plan(dit, plan)                            # a PrunedSanaTransformer2DModel; dit is consumed
-    pruned.save_pretrained(folder); load_pruned_transformer(folder)
+    scores = score(structure, model, "taylor", loss_fn, batches)     # or "magnitude" (no data)
+    widths = structure.widths(model)
+    costs = CostModel.measure(build_at_widths, count_params_and_macs, widths[0])
+    plan = greedy_plan(scores, widths, costs, target=0.5 * costs.total(widths).params)
+    pruned = apply_plan(structure, model, plan)                       # structure.rebuild's class; model is consumed
 """
 
 from __future__ import annotations
@@ -14,48 +14,39 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from sana_sr.pruning.dit_structure import (
-    BlockWidths,
-    blocks_of,
-    check_supported,
-    merge_glu,
-    model_widths,
-    split_glu,
-    sync_heads,
-)
-from sana_sr.pruning.model import PrunedSanaTransformer2DModel, as_pruned_model
-
-from .graph import SanaDependencyGraph
+from .graph import PruningGraph
 from .importance import Scores, magnitude_scores, taylor_scores
 from .plan import PruningPlan
+from .structure import PrunableStructure, Widths
 
 
-def score(model: nn.Module, method: str, loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
-          batches: Iterable | None = None, progress: Callable | None = None) -> Scores:
-    """Importance of every head, channel and block of `model`: "magnitude", or "taylor*" with `loss_fn` on `batches`.
+def score(structure: PrunableStructure, model: nn.Module, method: str,
+          loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None, batches: Iterable | None = None,
+          progress: Callable | None = None) -> Scores:
+    """Importance of every unit and block of `model`: "magnitude", or "taylor*" with `loss_fn` on `batches`.
 
-    The feed-forwards are split for the graph and merged back afterwards: the model computes the same function,
-    but its GLU conv parameters are new tensors (re-create any optimizer over it).
+    The model is prepared for the graph and finished afterwards: it computes the same function, but the layers
+    `prepare` re-laid are new tensors (re-create any optimizer over it).
     """
-    check_supported(model)
-    split_glu(model)
+    structure.check(model)
+    structure.prepare(model)
     try:
-        graph = SanaDependencyGraph(model)
+        graph = PruningGraph(structure, model)
         if method == "magnitude":
             return magnitude_scores(graph)
         if loss_fn is None or batches is None:
             raise ValueError(f"importance {method!r} needs a loss function and calibration batches")
         return taylor_scores(graph, loss_fn, batches, method=method, progress=progress)
     finally:
-        merge_glu(model)
+        structure.finish(model)
 
 
-def _check_plan(plan: PruningPlan, widths: Sequence[BlockWidths]) -> None:
+def _check_plan(plan: PruningPlan, widths: Sequence[Widths]) -> None:
     n = len(widths)
     if not plan.kept_blocks or sorted(set(plan.kept_blocks)) != plan.kept_blocks or plan.kept_blocks[-1] >= n:
         raise ValueError(f"kept blocks must be increasing indices below {n}, got {plan.kept_blocks}")
     for b in plan.kept_blocks:
-        for kind, total in widths[b].as_dict().items():
+        for kind, total in widths[b].items():
             if total == 0:
                 continue
             keep = plan.keep.get((b, kind))
@@ -64,43 +55,28 @@ def _check_plan(plan: PruningPlan, widths: Sequence[BlockWidths]) -> None:
                                  f"{total}, got {keep if keep is None else keep[:8]}")
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan, inputs: dict[str, torch.Tensor] | None = None
-               ) -> PrunedSanaTransformer2DModel:
+def apply_plan(structure: PrunableStructure, model: nn.Module, plan: PruningPlan, inputs: object | None = None
+               ) -> nn.Module:
     """Prune `model` to `plan` through torch-pruning's dependency graph and return the pruned model.
 
     Blocks are dropped from the block list first (each is a residual update, so the stream stays valid); heads and
-    channels are then removed group by group. `model` is consumed (its layers are cut in place and re-homed in
-    the returned model): deep-copy it first to keep the original, e.g. as a distillation teacher.
+    channels are then removed group by group. `model` is consumed (its layers are cut in place and re-homed by
+    `structure.rebuild`): deep-copy it first to keep the original, e.g. as a distillation teacher.
     """
-    check_supported(model)
-    widths = model_widths(model)
-    _check_plan(plan, widths)
+    structure.check(model)
+    _check_plan(plan, structure.widths(model))
     # torch-pruning makes new (trainable) parameters; the pruned model is left frozen or not as the input was.
     trainable = any(p.requires_grad for p in model.parameters())
-    blocks = blocks_of(model)
-    model.transformer_blocks = nn.ModuleList([blocks[b] for b in plan.kept_blocks])
-    split_glu(model)
-    graph = SanaDependencyGraph(model, inputs)
+    structure.select_blocks(model, plan.kept_blocks)
+    structure.prepare(model)
+    graph = PruningGraph(structure, model, inputs)
     for new, old in enumerate(plan.kept_blocks):
-        for kind in graph.kinds(blocks_of(model)[new]):
-            layer = graph.layer(new, kind)
+        for kind in [layer.kind for layer in graph.layers_of(new)]:
+            layer = graph.layer(new, kind)  # fresh: the previous cut may have changed the graph's layers
             graph.prune(layer, sorted(set(range(layer.units)) - set(plan.keep[(old, kind)])))
-    merge_glu(model)
-    sync_heads(model)
-    pruned = as_pruned_model(model, plan.kept_blocks)
+    structure.finish(model)
+    pruned = structure.rebuild(model, plan.kept_blocks)
     pruned.requires_grad_(trainable)
-    if pruned.widths != plan.widths():
-        raise RuntimeError(f"pruned widths {pruned.widths} differ from the plan's {plan.widths()}")
+    if structure.widths(pruned) != plan.widths():
+        raise RuntimeError(f"pruned widths {structure.widths(pruned)} differ from the plan's {plan.widths()}")
     return pruned
-
-
-def skeleton(config, widths: Sequence[BlockWidths], device: str | torch.device = "meta"
-             ) -> PrunedSanaTransformer2DModel:
-    """A model of `config`'s kind with the given per-block widths (on the meta device by default: for costing)."""
-    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    base.pop("kept_blocks", None)
-    base.update(num_layers=len(widths), kept_blocks=list(range(len(widths))),
-                block_heads=[w.heads for w in widths], block_cross_heads=[w.cross_heads for w in widths],
-                block_channels=[w.channels for w in widths])
-    with torch.device(device):
-        return PrunedSanaTransformer2DModel.from_config(base)

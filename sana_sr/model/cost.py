@@ -84,7 +84,7 @@ def meta_model(model: str) -> MetaModel:
 def _dit_class(config: dict):
     """The DiT class a saved config names: diffusers' SANA DiT, or the pruned one (per-block widths)."""
     if config.get("_class_name") == "PrunedSanaTransformer2DModel":
-        from compress.pruning import PrunedSanaTransformer2DModel
+        from sana_sr.pruning.model import PrunedSanaTransformer2DModel
 
         return PrunedSanaTransformer2DModel
     from diffusers import SanaTransformer2DModel

@@ -291,7 +291,7 @@ class SanaSRPipeline(DiffusionPipeline):
 
 def _import_component_modules(name_or_path: str | os.PathLike) -> None:
     """diffusers only loads classes from modules already imported: import this project's own component modules
-    that a local folder's model_index.json names (e.g. the pruned DiT, `compress.pruning.model`)."""
+    that a local folder's model_index.json names (e.g. the pruned DiT, `sana_sr.pruning.model`)."""
     index = Path(name_or_path) / "model_index.json"
     if not index.is_file():
         return

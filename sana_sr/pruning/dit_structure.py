@@ -1,4 +1,4 @@
-"""The SANA DiT's structure as torch-pruning needs to see it.
+"""The SANA DiT's structure as torch-pruning needs to see it (the rules that use it: `structure.SanaDiTStructure`).
 
 `GLUMBConv` computes its value and gate with ONE 1x1 conv and ONE depthwise conv of 2c channels and then
 `torch.chunk`s them: hidden channel i lives at index i (value) and i + c (gate). torch-pruning's dependency graph
@@ -15,32 +15,27 @@ heads only `heads` must be set again: `sync_heads` does it from the projection w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from diffusers.models.transformers.sana_transformer import GLUMBConv, SanaTransformerBlock
 from torch import nn
 
+from compress.pruning import DEPTH, Widths
+
 # The prunable units of a block: heads of the linear self-attention, heads of the cross-attention, GLU channels.
 KINDS = ("heads", "cross_heads", "channels")
+# What `sana-sr prune --structures` may name: the kinds, and whole blocks.
+STRUCTURES = (*KINDS, DEPTH)
 
 
-@dataclass(frozen=True)
-class BlockWidths:
-    """The prunable widths of one `SanaTransformerBlock`."""
+class BlockWidths(Widths):
+    """The prunable widths of one `SanaTransformerBlock`, as `Widths` with SANA's three kinds, in this order.
 
-    heads: int
-    """Heads of the linear self-attention `attn1`."""
-    cross_heads: int
-    """Heads of the cross-attention `attn2` (0 when the block has none)."""
-    channels: int
-    """Hidden channels of the GLUMBConv feed-forward (value and gate each have this many)."""
+    heads: heads of the linear self-attention `attn1`; cross_heads: heads of the cross-attention `attn2` (0 when
+    the block has none); channels: hidden channels of the GLUMBConv feed-forward (value and gate each have this many).
+    """
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def get(self, kind: str) -> int:
-        return getattr(self, kind)
+    def __init__(self, heads: int, cross_heads: int, channels: int):
+        super().__init__(heads=heads, cross_heads=cross_heads, channels=channels)
 
 
 class SplitGLUMBConv(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from diffusers import ModelMixin, SanaTransformer2DModel  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 
+from compress.pruning import Widths
 from sana_sr.pruning.dit_structure import BlockWidths, blocks_of, head_dims, model_widths, resize_block
 
 
@@ -111,6 +113,18 @@ def as_pruned_model(model: torch.nn.Module, kept_blocks: list[int]) -> PrunedSan
     pruned.load_state_dict(model.state_dict(), strict=True, assign=True)
     pruned.train(model.training)
     return pruned
+
+
+def skeleton(config, widths: Sequence[Widths], device: str | torch.device = "meta"
+             ) -> PrunedSanaTransformer2DModel:
+    """A DiT of `config`'s kind with the given per-block widths (on the meta device by default: for costing)."""
+    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    base.pop("kept_blocks", None)
+    base.update(num_layers=len(widths), kept_blocks=list(range(len(widths))),
+                block_heads=[w.heads for w in widths], block_cross_heads=[w.cross_heads for w in widths],
+                block_channels=[w.channels for w in widths])
+    with torch.device(device):
+        return PrunedSanaTransformer2DModel.from_config(base)
 
 
 def load_pruned_transformer(folder: str | os.PathLike, **kwargs) -> SanaTransformer2DModel:

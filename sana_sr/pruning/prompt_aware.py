@@ -6,7 +6,7 @@ on calibration pairs with their prompts:
     z_L = encode(2 bicubic(LQ) - 1),   x_hat = decode(z_L - sigma* v(z_L, t*, c)),   L = mean (x_hat - (2 HQ - 1))^2
 
 with c the pair's prompt embedding ("taylor"), or the null prompt for every pair ("taylor-null"), or plain weight
-magnitude ("magnitude"). Costs come from `sana_sr.cost` (the same counter as `sana-sr cost`).
+magnitude ("magnitude"). Costs come from `sana_sr.model.cost` (the same counter as `sana-sr cost`).
 """
 
 from __future__ import annotations
@@ -19,24 +19,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compress.pruning import (
-    STRUCTURES,
-    CostModel,
-    Scores,
-    apply_plan,
-    greedy_plan,
-    load_pruned_transformer,
-    model_widths,
-    score,
-    skeleton,
-    uniform_plan,
-)
+from compress.pruning import CostModel, Scores, apply_plan, greedy_plan, score, uniform_plan
 from sana_sr.atomic import atomic_directory
 from sana_sr.data.calibration_pairs import CalibrationBatch, PreparedBatch, prepare_batches
 from sana_sr.model.pipeline import SanaSRPipeline, one_step_restore
+from sana_sr.pruning.dit_structure import STRUCTURES, model_widths
+from sana_sr.pruning.model import load_pruned_transformer, skeleton
+from sana_sr.pruning.structure import SanaDiTStructure
 
 IMPORTANCE = ("taylor", "taylor-null", "magnitude", "none")
 PLANS = ("greedy", "uniform")
+DIT = SanaDiTStructure()
 
 __all__ = ["IMPORTANCE", "PLANS", "PruneSettings", "load_pruned_transformer", "prune_pipeline", "sr_loss"]
 
@@ -96,7 +89,7 @@ def sr_loss(pipe: SanaSRPipeline, transformer: torch.nn.Module, batch: PreparedB
 
 
 def cost_model(pipe: SanaSRPipeline, output_size: int) -> CostModel:
-    """The DiT's params and MACs per head / channel / block at `output_size`, counted by `sana_sr.cost`."""
+    """The DiT's params and MACs per head / channel / block at `output_size`, counted by `sana_sr.model.cost`."""
     from sana_sr.model.cost import dit_cost
 
     side = -(-output_size // pipe.size_multiple) * pipe.size_multiple // pipe.vae.spatial_compression_ratio
@@ -119,11 +112,11 @@ def importance_scores(pipe: SanaSRPipeline, method: str, batches: Sequence[Calib
         raise ValueError(f"importance {method!r} needs weight values; the model is on the meta device: "
                          "use importance='none' with plan='uniform'")
     if method == "magnitude":
-        return score(pipe.transformer, "magnitude")
+        return score(DIT, pipe.transformer, "magnitude")
     if not batches:
         raise ValueError(f"importance {method!r} needs calibration batches")
     prepared = prepare_batches(pipe, batches, null_prompt=method == "taylor-null")
-    return score(pipe.transformer, method, lambda model, b: sr_loss(pipe, model, b), prepared, progress)
+    return score(DIT, pipe.transformer, method, lambda model, b: sr_loss(pipe, model, b), prepared, progress)
 
 
 def prune_pipeline(pipe: SanaSRPipeline, settings: PruneSettings, batches: Sequence[CalibrationBatch] | None = None,
@@ -146,13 +139,13 @@ def prune_pipeline(pipe: SanaSRPipeline, settings: PruneSettings, batches: Seque
     absolute = target * before.get(metric) if target <= 1 else float(target)
     if scores is None:
         scores = importance_scores(pipe, settings.importance, batches, progress)
-    options = dict(metric=metric, structures=settings.structures, min_heads=settings.min_heads,
-                   channel_multiple=settings.channel_multiple)
+    options = dict(metric=metric, structures=settings.structures, min_units=settings.min_heads,
+                   channel_multiples={"channels": settings.channel_multiple})
     if settings.plan == "greedy":
         plan = greedy_plan(scores, widths, costs, absolute, min_keep_fraction=settings.min_keep_fraction, **options)
     else:
         plan = uniform_plan(widths, costs, absolute, scores=scores, **options)
-    pruned = apply_plan(dit, plan)
+    pruned = apply_plan(DIT, dit, plan)
     pipe.register_modules(transformer=pruned)
     after = costs.total(pruned.widths)
     if next(pruned.parameters()).device.type != "meta":
