@@ -17,7 +17,6 @@ Loading needs no pickled modules: architectures come from the configs, the quant
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler
 from compress import export_quantized, export_size, load_quantized
 from compress.export import DTYPES as FLOAT_DTYPES
 from sana_sr.atomic import atomic_directory
+from sana_sr.model.components import component_class
 from sana_sr.model.pipeline import SanaSRPipeline
 from sana_sr.model.text import PromptEmbedding
 from sana_sr.quantization.sana import LatentRestorer, folded_skeleton, install_matmul_sites
@@ -74,7 +74,7 @@ def load_quantized_pipeline(path: str | os.PathLike, device: str | torch.device 
     layout_meta = json.loads((path / QUANTIZED_DIR / "layout.json").read_text()).get("metadata", {})
     # The class the folder was saved from (diffusers' DiT, or the pruned one whose config holds the pruned widths).
     library, class_name = config["transformer"]
-    transformer_class = getattr(importlib.import_module(library), class_name)
+    transformer_class = component_class("transformer", class_name, library)
     transformer = transformer_class.from_config(transformer_class.load_config(path / "transformer"))
     vae = AutoencoderDC.from_config(AutoencoderDC.load_config(path / "vae"))
     encoder_state = safetensors.torch.load_file(str(path / "vae" / "encoder.safetensors"))
