@@ -25,10 +25,12 @@ PIPELINE_CLASS = "SanaSRPipeline"
 # Per component, the classes it may be, written as diffusers records them in model_index.json: "library.Class",
 # where the library is `diffusers` or `transformers` for theirs and the defining module for this project's own.
 ALLOWED: dict[str, tuple[str, ...]] = {
-    "vae": ("diffusers.AutoencoderDC",),
+    "vae": ("diffusers.AutoencoderDC", "sana_sr.quantization.components.QuantizedAutoencoderDC"),
     "transformer": (
         "diffusers.SanaTransformer2DModel",
         "sana_sr.pruning.model.PrunedSanaTransformer2DModel",
+        "sana_sr.quantization.components.QuantizedSanaTransformer2DModel",
+        "sana_sr.quantization.components.QuantizedPrunedSanaTransformer2DModel",
     ),
     "scheduler": ("diffusers.FlowMatchEulerDiscreteScheduler",),
     "text_encoder": ("transformers.Gemma2Model",),
@@ -52,6 +54,7 @@ HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 # Files a hub download may fetch of a component folder, beyond configs and safetensors: tokenizer vocabularies.
 TOKENIZER_FILES = ("*.model", "*.txt")
 LORA_DIR = "lora"
+OLD_COMPRESSED_LAYOUT = Path("quantized") / "layout.json"  # what `sana-sr compress` wrote before per-component folders
 
 
 class UnsafeFolderError(ValueError):
@@ -174,8 +177,12 @@ def _check_component(folder: Path, component: str, entry: str) -> None:
 
 def check_pipeline_folder(folder: str | os.PathLike) -> dict[str, str]:
     """Check a local pipeline folder before anything in it is imported or loaded; returns {component:
-    "library.Class"} of the components it holds. Raises UnsafeFolderError (one line) at the first problem."""
+    "library.Class"} of the components it holds. Raises UnsafeFolderError (one line) at the first unsafe thing,
+    FileNotFoundError / ValueError for a folder that is not, or no longer, a loadable pipeline folder."""
     folder = Path(folder)
+    if (folder / OLD_COMPRESSED_LAYOUT).is_file():
+        raise ValueError(f"{folder} is a compressed folder of an older layout (one {OLD_COMPRESSED_LAYOUT.parent}/ "
+                         "export for DiT and decoder): re-run `sana-sr compress` to rewrite it")
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not a SANA-SR pipeline folder (no model_index.json)")
     components = check_index(_read_json(folder / "model_index.json"), folder)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -265,20 +266,25 @@ class SanaSRPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any."""
         with atomic_directory(save_directory) as tmp:
-            self.save_config(tmp)
-            for name, component in self.components.items():
-                if component is None:
-                    continue
-                if name == "transformer":
-                    save_transformer_without_lora(component, tmp / name)
-                else:
-                    component.save_pretrained(tmp / name)
-            if has_lora(self.transformer):
-                save_lora(self.transformer, tmp / "lora")
+            self.write_folder(tmp)
+
+    def write_folder(self, directory: Path) -> None:
+        """What save_pretrained writes, into an existing folder: for callers that add files of their own to the
+        same atomic folder (`sana-sr compress` adds its report)."""
+        self.save_config(directory)
+        for name, component in self.components.items():
+            if component is None:
+                continue
+            if name == "transformer" and has_lora(component):
+                save_transformer_without_lora(component, directory / name)
+            else:
+                component.save_pretrained(directory / name)  # a compressed component writes its packed export
+        if has_lora(self.transformer):
+            save_lora(self.transformer, directory / "lora")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, load_lora_adapter: bool = True, **kwargs):
-        """Load a folder or hub repo written by `save_pretrained`, through diffusers' loader.
+        """Load a folder or hub repo written by `save_pretrained` or `sana-sr compress`, through diffusers' loader.
 
         The folder is checked first (sana_sr.model.components): every component an allow-listed class, weights only
         from safetensors, no code from the folder; a hub repo is downloaded only once its configs pass. The `lora/`
