@@ -183,7 +183,8 @@ def test_a_pruned_pipeline_compresses_and_reloads(pipe, tmp_path):
     assert compress_main([str(tmp_path / "pruned"), "-o", str(tmp_path / "q"), "--method", "compsrt",
                           "--calib-count", "2", "--calib-size", "64", "--batch-size", "2", "--steps", "2"]) == 0
     first, second = load_pipeline(tmp_path / "q"), load_pipeline(tmp_path / "q")
-    assert type(first.transformer).__name__ == "PrunedSanaTransformer2DModel"
+    assert type(first.transformer).__name__ == "QuantizedPrunedSanaTransformer2DModel"
+    assert isinstance(first.transformer, PrunedSanaTransformer2DModel)
     lq = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = first(lq)

@@ -53,9 +53,9 @@ def test_compress_on_two_processes_synchronises(tmp_path):
         assert [r["samples"] for r in ranks] == [2 * steps, 2 * steps]  # batch 2, one batch per rank per step
     assert not out.with_name("q.work").exists()  # removed once the export is in place
 
-    from sana_sr.quantization.folder import load_quantized_pipeline
+    from sana_sr import load_pipeline
 
-    pipe = load_quantized_pipeline(out)
+    pipe = load_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         sr = pipe(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
@@ -78,8 +78,9 @@ def test_stopped_compress_resumes_to_the_same_bytes(tmp_path):
 
     resumed = run([*entry, *args, "-o", str(out)], cwd=REPO)
     assert "resumed from" in resumed.stdout and saved[0] in resumed.stdout
-    straight = (tmp_path / "straight" / "quantized" / "weights.safetensors").read_bytes()
-    assert (out / "quantized" / "weights.safetensors").read_bytes() == straight
+    for component in ("transformer", "vae"):
+        straight = (tmp_path / "straight" / component / "weights.safetensors").read_bytes()
+        assert (out / component / "weights.safetensors").read_bytes() == straight, component
 
 
 def test_work_folder_of_another_run_is_refused(tmp_path, capsys):

@@ -67,11 +67,17 @@ def meta_model(model: str) -> MetaModel:
         return MetaModel(pipe.vae, pipe.transformer, pipe.text_encoder, PRESETS[model].max_sequence_length, 4)
     from diffusers import AutoencoderDC, DiffusionPipeline, SanaTransformer2DModel
 
+    from sana_sr.model.components import check_pipeline_folder, component_class
+
+    if Path(model).is_dir():
+        check_pipeline_folder(model)
     index = DiffusionPipeline.load_config(model)
     transformer_config = SanaTransformer2DModel.load_config(model, subfolder="transformer")
+    # The class the config names (unpruned, pruned or compressed: the same architecture in full precision).
+    dit_class = component_class("transformer", str(transformer_config.get("_class_name")))
     with torch.device("meta"):
         vae = AutoencoderDC.from_config(AutoencoderDC.load_config(model, subfolder="vae"))
-        transformer = _dit_class(transformer_config).from_config(transformer_config)
+        transformer = dit_class.from_config(transformer_config)
         text_encoder = None
         if index.get("text_encoder", [None])[0] is not None:
             from transformers import AutoConfig, AutoModel
@@ -79,17 +85,6 @@ def meta_model(model: str) -> MetaModel:
             text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(model, subfolder="text_encoder"))
     return MetaModel(vae, transformer, text_encoder, int(index.get("max_sequence_length", 300)),
                      int(index.get("upscale", 4)))
-
-
-def _dit_class(config: dict):
-    """The DiT class a saved config names: diffusers' SANA DiT, or the pruned one (per-block widths)."""
-    if config.get("_class_name") == "PrunedSanaTransformer2DModel":
-        from sana_sr.pruning.model import PrunedSanaTransformer2DModel
-
-        return PrunedSanaTransformer2DModel
-    from diffusers import SanaTransformer2DModel
-
-    return SanaTransformer2DModel
 
 
 def count_macs(fn) -> tuple[int, dict[str, int]]:

@@ -118,16 +118,11 @@ def load_text_encoder(source: str | os.PathLike):
 
 
 def load_pipeline(model: str | os.PathLike, **kwargs) -> SanaSRPipeline:
-    """`model` is a preset name (built at random), a saved (or compressed) pipeline folder, or a hub id of one."""
+    """`model` is a preset name (built at random), a saved (or compressed) pipeline folder, or a hub id of one.
+
+    Folders and hub ids load through `SanaSRPipeline.from_pretrained`, which checks them first."""
     from sana_sr.model.presets import PRESETS
 
     if str(model) in PRESETS:
         return build_pipeline(str(model), **kwargs)
-    path = Path(model)
-    from sana_sr.quantization.folder import is_quantized_folder, load_quantized_pipeline
-
-    if is_quantized_folder(path):  # written by `sana-sr compress`
-        return load_quantized_pipeline(path)
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a SANA-SR pipeline folder (no model_index.json)")
     return SanaSRPipeline.from_pretrained(model)

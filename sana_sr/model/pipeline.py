@@ -266,55 +266,35 @@ class SanaSRPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any."""
         with atomic_directory(save_directory) as tmp:
-            self.save_config(tmp)
-            for name, component in self.components.items():
-                if component is None:
-                    continue
-                if name == "transformer":
-                    save_transformer_without_lora(component, tmp / name)
-                else:
-                    component.save_pretrained(tmp / name)
-            if has_lora(self.transformer):
-                save_lora(self.transformer, tmp / "lora")
+            self.write_folder(tmp)
+
+    def write_folder(self, directory: Path) -> None:
+        """What save_pretrained writes, into an existing folder: for callers that add files of their own to the
+        same atomic folder (`sana-sr compress` adds its report)."""
+        self.save_config(directory)
+        for name, component in self.components.items():
+            if component is None:
+                continue
+            if name == "transformer" and has_lora(component):
+                save_transformer_without_lora(component, directory / name)
+            else:
+                component.save_pretrained(directory / name)  # a compressed component writes its packed export
+        if has_lora(self.transformer):
+            save_lora(self.transformer, directory / "lora")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, load_lora_adapter: bool = True, **kwargs):
-        """Load a folder or hub repo written by `save_pretrained`; its `lora/` adapter is attached unless told not to."""
-        _import_component_modules(pretrained_model_name_or_path)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if load_lora_adapter:
-            adapter = _find_lora(pretrained_model_name_or_path, kwargs)
-            if adapter is not None:
-                load_lora(pipe.transformer, adapter)
+        """Load a folder or hub repo written by `save_pretrained` or `sana-sr compress`, through diffusers' loader.
+
+        The folder is checked first (sana_sr.model.components): every component an allow-listed class, weights only
+        from safetensors, no code from the folder; a hub repo is downloaded only once its configs pass. The `lora/`
+        adapter is attached unless told not to.
+        """
+        from sana_sr.model.components import prepare_pipeline_folder
+
+        folder = prepare_pipeline_folder(pretrained_model_name_or_path, kwargs)
+        pipe = super().from_pretrained(str(folder), **kwargs)
+        adapter = folder / "lora" / LORA_WEIGHT_NAME
+        if load_lora_adapter and adapter.is_file():
+            load_lora(pipe.transformer, adapter)
         return pipe
-
-
-def _import_component_modules(name_or_path: str | os.PathLike) -> None:
-    """diffusers only loads classes from modules already imported: import this project's own component modules
-    that a local folder's model_index.json names (e.g. the pruned DiT, `sana_sr.pruning.model`)."""
-    index = Path(name_or_path) / "model_index.json"
-    if not index.is_file():
-        return
-    import importlib
-    import json
-
-    for value in json.loads(index.read_text()).values():
-        if isinstance(value, list) and value and str(value[0]).split(".")[0] in ("sana_sr", "compress"):
-            importlib.import_module(value[0])
-
-
-def _find_lora(name_or_path: str | os.PathLike, kwargs: dict) -> Path | None:
-    """The adapter file of a local folder or hub repo, or None when it has none."""
-    local = Path(name_or_path) / "lora" / LORA_WEIGHT_NAME
-    if Path(name_or_path).is_dir():
-        return local if local.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(
-            str(name_or_path), f"lora/{LORA_WEIGHT_NAME}", revision=kwargs.get("revision"),
-            cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
-        ))
-    except EntryNotFoundError:
-        return None

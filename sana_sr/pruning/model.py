@@ -130,14 +130,13 @@ def skeleton(config, widths: Sequence[Widths], device: str | torch.device = "met
 def load_pruned_transformer(folder: str | os.PathLike, **kwargs) -> SanaTransformer2DModel:
     """Load a DiT folder (config.json + safetensors) written by `save_pretrained`, pruned or not.
 
-    The class comes from the config's `_class_name`, so the same call loads an unpruned SANA DiT too.
+    The class comes from the config's `_class_name`, looked up in the pipeline folders' allow-list (any DiT class
+    there: unpruned, pruned, compressed), so the same call loads an unpruned SANA DiT too.
     """
+    from sana_sr.model.components import component_class
+
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: pass a DiT folder (a pipeline's transformer/ subfolder)")
     name = json.loads(config_file.read_text()).get("_class_name")
-    classes = {"PrunedSanaTransformer2DModel": PrunedSanaTransformer2DModel,
-               "SanaTransformer2DModel": SanaTransformer2DModel}
-    if name not in classes:
-        raise ValueError(f"{config_file} describes a {name!r}, not a SANA DiT ({', '.join(classes)})")
-    return classes[name].from_pretrained(folder, **kwargs)
+    return component_class("transformer", str(name)).from_pretrained(folder, **kwargs)

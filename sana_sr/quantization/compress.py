@@ -2,7 +2,8 @@
 
 Quantizes the DiT's one step and the DC-AE decoder of a SANA-SR pipeline (LoRA merged first; the encoder stays full
 precision), calibrating on LQ images made from a calibration set, and writes a compressed pipeline folder with a
-real packed export (see sana_sr/quantized.py) that `sana-sr upscale --model OUT_DIR` runs.
+real packed export per quantized component (see sana_sr/quantization/folder.py) that loads like any pipeline
+folder (`sana-sr upscale --model OUT_DIR`, `SanaSRPipeline.from_pretrained`).
 
 The fine-tunes run on the training loop (sana_sr/train/quant.py): one process as is, or several with
 `accelerate launch -m sana_sr.cli compress ...` (DDP; calibration batches shared out). Their checkpoints live in
@@ -30,6 +31,7 @@ from compress.methods import snap_floats
 from sana_sr.atomic import atomic_file
 from sana_sr.data.calibration_pairs import CalibrationBatch, calibration_batches
 from sana_sr.model.presets import PRESETS
+from sana_sr.quantization.components import as_quantized
 from sana_sr.quantization.sana import LatentRestorer, fold_timestep, install_matmul_sites, sana_rule
 
 
@@ -78,7 +80,10 @@ def latent_batches(pipe, pairs: list[CalibrationBatch]) -> list[dict]:
 # -- the command -----------------------------------------------------------------------------------------------------
 def compress_pipeline(pipe, config: QuantizeConfig, batches: list[dict], *, fold: bool = True,
                       boundary_wbits: int | None = 8, progress=None):
-    """Quantize `pipe`'s DiT step + DC-AE decoder in place; returns (restorer, result, fp16 reference bytes)."""
+    """Quantize `pipe`'s DiT step + DC-AE decoder in place; returns (restorer, result, fp16 reference bytes).
+
+    Afterwards `pipe` is the compressed pipeline: its DiT and DC-AE are the quantized classes that save and load
+    their packed exports, and model_index.json names them."""
     pipe.merge_lora()
     restorer = LatentRestorer.from_pipeline(pipe)
     params = sum(p.numel() for p in restorer.parameters())
@@ -92,6 +97,8 @@ def compress_pipeline(pipe, config: QuantizeConfig, batches: list[dict], *, fold
                       feature_modules=restorer.feature_modules())
     # The encoder is stored in the float dtype too: round it now, so the in-memory pipeline is the saved one.
     snap_floats(pipe.vae.encoder, config.storage_dtype)
+    pipe.register_modules(transformer=as_quantized(pipe.transformer, config.float_dtype),
+                          vae=as_quantized(pipe.vae, config.float_dtype))
     return restorer, result, dict(params=params, fp16_bytes=reference, fp16_folded_bytes=folded_reference)
 
 
@@ -163,6 +170,8 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
                                 seed=args.seed, trainer=partial(finetune_on_loop, settings=settings), **overrides)
         preset_kwargs = dict(text_encoder=args.keep_text_encoder) if args.model in PRESETS else {}
         pipe = load_pipeline(args.model, **preset_kwargs)
+        if not args.keep_text_encoder and pipe.text_encoder is not None:
+            pipe.drop_text_encoder()  # the stored default prompt conditions calibration and the compressed pipeline
         pairs = calibration_batches(args.calib, args.calib_count, args.batch_size, args.calib_size,
                                     pipe.config.upscale, args.seed)
         identity = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -176,8 +185,8 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
     batches = latent_batches(pipe, pairs)
     boundary = None if args.boundary_bits == "fp" else int(args.boundary_bits)
     try:
-        restorer, result, reference = compress_pipeline(pipe, config, batches, fold=not args.no_fold_timestep,
-                                                        boundary_wbits=boundary, progress=progress)
+        _, result, reference = compress_pipeline(pipe, config, batches, fold=not args.no_fold_timestep,
+                                                 boundary_wbits=boundary, progress=progress)
     except FinetuneStopped as e:
         if main_process:
             print(f"sana-sr compress: {e}; rerun the same command to resume", file=sys.stderr)
@@ -200,13 +209,12 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
         plan=[dataclasses.asdict(d) for d in result.decisions],
         versions=dict(python=platform.python_version(), torch=torch.__version__),
     )
-    layout = save_quantized_pipeline(pipe, restorer, args.output, float_dtype=args.float_dtype, report=report,
-                                     keep_text_encoder=args.keep_text_encoder)
-    size = json.loads((args.output / "compression.json").read_text())["export"]["bytes"]
+    export = save_quantized_pipeline(pipe, args.output, report=report)
+    size = export["bytes"]
     print(f"{args.method} W{args.wbits}A{args.abits or 'fp'}: quantized DiT+decoder {size / 1024:.1f} KiB on disk, "
           f"{reference['fp16_bytes'] / size:.2f}x smaller than fp16 ({reference['fp16_bytes'] / 1024:.1f} KiB; "
           f"{reference['fp16_folded_bytes'] / size:.2f}x vs fp16 with the same timestep folding), "
-          f"{layout['summary']['bits_per_weight']:.2f} bits/weight (paper formula) -> {args.output}")
+          f"{export['summary']['bits_per_weight']:.2f} bits/weight (paper formula) -> {args.output}")
     if not args.keep_work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     return 0
