@@ -7,7 +7,12 @@ without importing diffusers.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# bitsandbytes (pulled in by pyiqa, imported by peft) logs a warning at import on CPUs with AVX512-BF16 about an
+# optional 4-bit kernel package; nothing here uses 4-bit layers, and the line would precede every one-line error.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "build_pipeline": "model.loading",

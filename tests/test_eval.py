@@ -23,7 +23,7 @@ from .conftest import PHOTOS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "realsr.py"
-METRIC_COLUMNS = ("psnr", "ssim", "niqe")
+METRIC_COLUMNS = ("psnr", "ssim", "niqe", "niqe_gray")
 # pyiqa as it behaves with no weights in its cache and no network: its downloader raises on create_metric.
 FAKE_PYIQA = '''
 def create_metric(name, **kwargs):
@@ -128,7 +128,7 @@ def test_outputs_describe_the_run(runs):
         mean = np.mean([float(r[name]) for r in rows])
         assert summary["metrics"][name]["mean"] == pytest.approx(mean) and summary["metrics"][name]["images"] == 5
     table = (out / "results.md").read_text()
-    assert "| PSNR (Y, dB) |" in table and "| NIQE |" in table
+    assert "| PSNR (Y, dB) |" in table and "| NIQE (Y) |" in table and "| NIQE (grey) |" in table
     grids = sorted(p.name for p in (out / "grids").iterdir())
     assert len(grids) == 2
     with Image.open(out / "grids" / grids[0]) as grid:

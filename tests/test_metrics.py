@@ -130,8 +130,8 @@ def test_niqe_rises_with_degradation_on_real_photos():
 
 
 def test_parse_metrics():
-    assert parse_metrics("all") == parse_metrics(["psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa",
-                                                  "clipiqa", "fid"])
+    assert parse_metrics("all") == parse_metrics(["psnr", "ssim", "lpips", "dists", "niqe", "niqe_gray", "musiq",
+                                                  "maniqa", "clipiqa", "fid"])
     assert parse_metrics("niqe, PSNR") == ("psnr", "niqe")
     with pytest.raises(ValueError, match="unknown metric"):
         parse_metrics("psnr,brisque")
@@ -140,11 +140,11 @@ def test_parse_metrics():
 def test_learned_metrics_unavailable_without_pyiqa(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyiqa", None)  # import pyiqa -> ImportError, whether installed or not
     suite = MetricSuite(parse_metrics("all"), torch.device("cpu"), has_reference=True, crop_border=4)
-    assert suite.available == ["psnr", "ssim", "niqe"]
+    assert suite.available == ["psnr", "ssim", "niqe", "niqe_gray"]
     assert set(suite.unavailable) == {"lpips", "dists", "musiq", "maniqa", "clipiqa", "fid"}
     assert all("pyiqa is not installed" in reason for reason in suite.unavailable.values())
     values, problems = suite.score(np.full((200, 200, 3), 0.5), np.full((200, 200, 3), 0.5))
-    assert set(values) == {"psnr", "ssim", "niqe"} and values["niqe"] is None and "niqe" in problems[0]
+    assert set(values) == {"psnr", "ssim", "niqe", "niqe_gray"} and values["niqe"] is None and "niqe" in problems[0]
 
 
 def test_learned_metrics_unavailable_when_weights_cannot_be_fetched(monkeypatch):

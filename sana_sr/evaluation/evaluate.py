@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=int, help="upscaling factor (default: the model's)")
     parser.add_argument("--crop-border", type=int, help="PSNR/SSIM border crop (default: the scale)")
     parser.add_argument("--metrics", default="all",
-                        help="comma-separated: psnr,ssim,lpips,dists,niqe,musiq,maniqa,clipiqa,fid (default all)")
+                        help="comma-separated: psnr,ssim,lpips,dists,niqe,niqe_gray,musiq,maniqa,clipiqa,fid (default all; niqe is on Y, niqe_gray on grey)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="DiT precision")
     parser.add_argument("--prompt", help="prompt for every image (default: the model's stored prompt)")

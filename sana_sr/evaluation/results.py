@@ -20,8 +20,8 @@ from sana_sr.evaluation.metrics import METRICS
 
 BASE_COLUMNS = ("index", "name", "rank", "lq", "hq", "lq_size", "sr_size", "seconds")
 LABELS = {
-    "psnr": "PSNR (Y, dB)", "ssim": "SSIM (Y)", "lpips": "LPIPS", "dists": "DISTS", "niqe": "NIQE",
-    "musiq": "MUSIQ", "maniqa": "MANIQA (PIPAL)", "clipiqa": "CLIPIQA", "fid": "FID",
+    "psnr": "PSNR (Y, dB)", "ssim": "SSIM (Y)", "lpips": "LPIPS", "dists": "DISTS", "niqe": "NIQE (Y)",
+    "niqe_gray": "NIQE (grey)", "musiq": "MUSIQ", "maniqa": "MANIQA (PIPAL)", "clipiqa": "CLIPIQA", "fid": "FID",
 }
 _PACKAGES = ("torch", "diffusers", "accelerate", "transformers", "peft", "numpy", "scipy", "pillow", "pyiqa")
 

@@ -56,6 +56,11 @@ class Trainer(TrainLoop):
         self.config = cfg = config
         super().__init__(cfg.output_dir, cfg.optim, cfg.dist, cfg.checkpoint, cfg.log, cfg.seed)
         acc = self.accelerator
+        lpips = None
+        if cfg.loss.lpips > 0:  # first: missing LPIPS weights stop the run before the model is even loaded
+            from sana_sr.train.perceptual import load_lpips
+
+            lpips = load_lpips(acc.device)
 
         self.pipe = load_model(cfg)
         self.pipe.vae.to(acc.device)
@@ -68,11 +73,6 @@ class Trainer(TrainLoop):
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         self.prepare(self.transformer, [{"params": trainable}], ema=True)
 
-        lpips = None
-        if cfg.loss.lpips > 0:
-            from sana_sr.train.perceptual import load_lpips
-
-            lpips = load_lpips(acc.device)
         teacher = load_teacher(cfg.model.teacher, acc.device) if cfg.model.teacher else None
         self.objective = SRObjective(self.pipe, cfg.loss, lpips, teacher)
         d = cfg.data

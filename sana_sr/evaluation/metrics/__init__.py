@@ -1,6 +1,7 @@
 """The Real-ISR metric suite: what each metric needs, and one object that scores an image with all of them.
 
-PSNR, SSIM (Y channel, MATLAB conventions) and NIQE are computed here, offline. LPIPS, DISTS, MUSIQ, MANIQA,
+PSNR, SSIM (Y channel, MATLAB conventions) and NIQE (`niqe` on the Y of YCbCr, BasicSR's default; `niqe_gray` on
+the BT.601 grey, pyiqa's default channel) are computed here, offline. LPIPS, DISTS, MUSIQ, MANIQA,
 CLIPIQA and FID come from pyiqa when it is installed and its weights are in the local cache; otherwise they are
 listed in `MetricSuite.unavailable` with the reason and never given a number.
 """
@@ -39,6 +40,7 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("lpips", "full-reference", False, "pyiqa"),
         MetricInfo("dists", "full-reference", False, "pyiqa"),
         MetricInfo("niqe", "no-reference", False, "sana_sr"),
+        MetricInfo("niqe_gray", "no-reference", False, "sana_sr"),
         MetricInfo("musiq", "no-reference", True, "pyiqa"),
         MetricInfo("maniqa", "no-reference", True, "pyiqa"),
         MetricInfo("clipiqa", "no-reference", True, "pyiqa"),
@@ -98,7 +100,9 @@ class MetricSuite:
         if name == "ssim":
             return lambda sr, hr: ssim_y(sr, hr, border)
         if name == "niqe":
-            return lambda sr, hr: niqe(sr)
+            return lambda sr, hr: niqe(sr, "y")
+        if name == "niqe_gray":
+            return lambda sr, hr: niqe(sr, "gray")
         return image_metric(name, self.device)
 
     @property
