@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +118,34 @@ def merge_lora(transformer: nn.Module) -> None:
     """Fold the adapter into the base weights and remove the PEFT layers (inference then costs nothing extra)."""
     transformer.fuse_lora()
     transformer.unload_lora()
+
+
+def enable_adapter_aware_checkpointing(transformer: nn.Module) -> None:
+    """Gradient checkpointing that recomputes each block with its adapter switched as it was in the forward pass.
+
+    The training objective runs the DiT a second time with the adapter disabled (the frozen prior) and needs
+    gradients through that pass; plain checkpointing would recompute it in the backward pass with the adapter
+    enabled again, and torch stops ("Recomputed values ... have different metadata than during the forward pass").
+    """
+    import torch.utils.checkpoint
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def checkpoint(block: nn.Module, *args):
+        layers = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
+        disabled_in_forward = [m.disable_adapters for m in layers]
+
+        @contextmanager
+        def as_in_forward():
+            now = [m.disable_adapters for m in layers]
+            for layer, disabled in zip(layers, disabled_in_forward):
+                layer.enable_adapters(not disabled)
+            try:
+                yield
+            finally:
+                for layer, disabled in zip(layers, now):
+                    layer.enable_adapters(not disabled)
+
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                                 context_fn=lambda: (nullcontext(), as_in_forward()))
+
+    transformer.enable_gradient_checkpointing(checkpoint)

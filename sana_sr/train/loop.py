@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -230,6 +231,9 @@ class TrainLoop:
             self.end()
             return 0
         finally:
+            # Closing the stream ends its loader workers; after an error they would otherwise outlive the loop, and
+            # the interpreter's exit would wait on them forever (they ignore SIGTERM: see sana_sr.data.streaming).
+            batches.close()
             self.stop.close()
 
     def after_optimizer_step(self, window: Window, extra: object) -> bool:
@@ -264,7 +268,11 @@ class TrainLoop:
             "throughput/data_wait_s_mean": sum(waits) / len(waits),
             "data/skipped_samples": int(skipped),
             "nonfinite_steps": self.state["nonfinite_steps"],
+            # This process's peak so far (rank 0's): what sizes a CPU node, and the GPU's on a GPU.
+            "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
+        if acc.device.type == "cuda":
+            metrics["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self.metrics.log(metrics, self.state["step"])
         self.print(f"step {self.state['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 

@@ -9,7 +9,7 @@ import torch
 
 from sana_sr.atomic import atomic_file
 from sana_sr.model.loading import build_pipeline
-from sana_sr.model.lora import LoraSettings, add_lora, save_lora
+from sana_sr.model.lora import LoraSettings, add_lora, enable_adapter_aware_checkpointing, save_lora
 from sana_sr.model.pipeline import SanaSRPipeline
 from sana_sr.train.config import TrainConfig, to_dict, to_yaml
 from sana_sr.train.loop import TrainLoop
@@ -38,7 +38,7 @@ def load_model(config: TrainConfig) -> SanaSRPipeline:
     for name, param in pipe.transformer.named_parameters():
         param.requires_grad_(m.finetune == "full" or ".lora_" in name)
     if m.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
+        enable_adapter_aware_checkpointing(pipe.transformer)
     pipe.transformer.train()
     return pipe
 
