@@ -51,7 +51,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 def write_shards(root: Path, crop: int, count: int) -> Path:
     """`count` shards of one random crop each, cut from the bundled photos resized to exceed the crop."""
-    from sana_sr.data.shards import ShardOptions, write_shards as shard
+    from sana_sr.data.shards import ShardOptions
+    from sana_sr.data.shards import write_shards as shard
 
     images = root / "images"
     images.mkdir(parents=True)
