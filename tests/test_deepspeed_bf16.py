@@ -77,8 +77,10 @@ def test_ema_under_deepspeed_bf16_matches_an_fp32_reference(shards, tmp_path):
 
 @pytest.mark.slow
 def test_zero3_bf16_trains_checkpoints_resumes_bitwise_and_exports(shards, tmp_path):
-    zero3 = [f"data.shards={shards}", "dist.deepspeed_config=deepspeed_zero3.json", "optim.max_steps=12",
-             "checkpoint.every_steps=6", "loss.prior_alignment=0.1", "loss.adapter_consistency=0.1"]
+    # The regularisers run the unwrapped DiT beside the engine's forward: under ZeRO-3 that must gather too.
+    zero3 = [f"data.shards={shards}", "dist.deepspeed_config=deepspeed_zero3.json", "optim.max_steps=10",
+             "checkpoint.every_steps=5", "loss.prior_alignment=0.1", "loss.adapter_consistency=0.1",
+             "optim.lr=1e-2", "optim.micro_batch_size=1", "optim.global_batch_size=2"]
     first = tmp_path / "a"
     stdout = _probe(first, *zero3)
     assert "world 2 (DistributedType.DEEPSPEED)" in stdout
@@ -86,6 +88,7 @@ def test_zero3_bf16_trains_checkpoints_resumes_bitwise_and_exports(shards, tmp_p
 
     # EMA over the gathered fp32 masters.
     error, moved = ema_error(first)
+    print(f"ZeRO-3 bf16 EMA: max error {error:.3g} (tolerance {EMA_TOLERANCE}), reference moved {moved:.3g}")
     assert error <= EMA_TOLERANCE and moved > 100 * EMA_TOLERANCE, (error, moved)
 
     # Replica check over gathered weights: both ranks, non-trivial, equal.
@@ -96,13 +99,13 @@ def test_zero3_bf16_trains_checkpoints_resumes_bitwise_and_exports(shards, tmp_p
     # The checkpoint's adapter is the gathered fp32 masters at that step.
     trajectory = torch.load(first / "trajectory.pt", weights_only=True)
 
-    at_six = load_file(first / "checkpoint-00000006" / "lora" / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(at_six[_lora_key(k)], w) for k, w in trajectory[5].items())
+    at_five = load_file(first / "checkpoint-00000005" / "lora" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(at_five[_lora_key(k)], w) for k, w in trajectory[4].items())
 
     # Resume from the middle checkpoint in a fresh folder: bitwise the same adapter and EMA at the end.
     second = tmp_path / "b"
-    stdout = _probe(second, *zero3, f"checkpoint.resume={first / 'checkpoint-00000006'}")
-    assert "at step 6" in stdout
+    stdout = _probe(second, *zero3, f"checkpoint.resume={first / 'checkpoint-00000005'}")
+    assert "at step 5" in stdout
     for ema in (False, True):
         a, b = final_lora(first, ema=ema), final_lora(second, ema=ema)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"ema={ema}"
