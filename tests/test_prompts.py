@@ -68,7 +68,7 @@ def _members(tar_path: Path) -> dict[str, dict[str, bytes]]:
 
 
 @pytest.mark.slow
-def test_embed_captions_adds_the_encoders_embeddings_resumably_on_two_processes(tmp_path):
+def test_embed_captions_adds_the_encoders_embeddings_resumably_on_two_processes(tmp_path, monkeypatch):
     from sana_sr.cli import main as cli
     from sana_sr.data.streaming import make_loader
 
@@ -103,14 +103,25 @@ def test_embed_captions_adds_the_encoders_embeddings_resumably_on_two_processes(
             seen += 1
     assert seen == 8
 
-    # Resumable: a second run does nothing; a lost shard is the only one written again.
-    first = sorted(out.glob("*.tar"))[0]
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    first.unlink()
-    assert cli([*args[:-4], "--workers", "1", "--dtype", "fp32"]) == 0
-    assert first.is_file()
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p != first} == \
-        {k: v for k, v in mtimes.items() if k != first.name}
+    # Resumable, and dealt over a launcher's ranks: two lost shards; rank 1 of 2 rewrites only its own (the second)
+    # and leaves the index to whoever finishes last; rank 0 rewrites the first and completes it. Nothing else moves.
+    from sana_sr.data.caption_embeddings import embed_captions
+
+    names = sorted(p.name for p in out.glob("*.tar"))
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in names}
+    for name in names[:2]:
+        (out / name).unlink()
+    options = dict(max_length=32, dtype="fp32")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert embed_captions(str(shards), out, "tiny", **options) == {"written": 1, "skipped": 1, "complete": False}
+    assert (out / names[1]).is_file() and not (out / names[0]).exists()
+    monkeypatch.setenv("RANK", "0")
+    assert embed_captions(str(shards), out, "tiny", **options) == {"written": 1, "skipped": 1, "complete": True}
+    assert {n: (out / n).stat().st_mtime_ns for n in names[2:]} == {n: mtimes[n] for n in names[2:]}
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert embed_captions(str(shards), out, "tiny", **options) == {"written": 0, "skipped": 4, "complete": True}
 
     # The training loader reads them, padded to the configured prompt length.
     loader = make_loader(out, batch_size=2, mode="exact", num_workers=0, crop_size=64, prompt_embeds=True,

@@ -1,9 +1,10 @@
 """Atomic, resumable training checkpoints.
 
 `output_dir/checkpoint-00000500/` holds, once complete:
-- Accelerate's state: optimizer, LR scheduler, EMA, the RNG states of every rank, and the trainable (LoRA)
+- Accelerate's state: optimizer, LR scheduler, the RNG states of every rank, and the trainable (LoRA)
   weights only (DDP: a save hook drops the frozen base; DeepSpeed: `exclude_frozen_parameters`);
-- `rank{r}.pt`: what differs per rank (data position, the on-device generator, the degradation queue);
+- `rank{r}.pt`: what differs per rank (data position, the on-device generator, the degradation queue, the EMA
+  shadows of the master slices this rank owns);
 - `trainer_state.json` (step, counters) and `lora/pytorch_lora_weights.safetensors` (the adapter, PEFT-loadable).
 
 Every rank writes into `.checkpoint-00000500.tmp/` (saving is collective under ZeRO), then rank 0 renames it: a
