@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-tiny": ("sana_sr.train.pretrain_tiny", "train the tiny preset's base weights from the bundled photos"),
     "cost": ("sana_sr.model.cost", "parameters and MACs per component (meta device), latency and peak memory"),
     "shards": ("sana_sr.data.shards", "image folders (LSDIR, FFHQ, any tree) -> webdataset tar shards"),
+    "embed-captions": ("sana_sr.data.caption_embeddings", "add the text encoder's caption embeddings to existing shards"),
     "compress": ("sana_sr.quantization.compress", "low-bit quantization (CompSRT, SPR²Q, baselines) with a packed export"),
     "evaluate": ("sana_sr.evaluation.evaluate", "score a model on RealSR / DRealSR / DIV2K-Val / LR folders (= eval/realsr.py)"),
     "publish": ("sana_sr.publish.publish", "build a hub-ready folder with a model card from a run and upload it (one commit)"),

@@ -46,6 +46,10 @@ MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export SANA_SR_REQUEUE_FILE=${SANA_SR_REQUEUE_FILE:-$PWD/.sana-sr-requeue-$SLURM_JOB_ID}
 rm -f "$SANA_SR_REQUEUE_FILE"
 
+# Before N nodes spend minutes loading models: the config resolves, and every reader (rank x loader worker) gets a
+# shard of its own (else readers idle, batch counts differ and DDP hangs). One line with the numbers and the fix.
+"$PYTHON" -m sana_sr.train.preflight --world $((NNODES * PROCS_PER_NODE)) "$CONFIG" "$@" || exit 2
+
 # The overrides travel through `bash -c`: quote them once here.
 TRAIN_ARGS=$(printf '%q ' "$CONFIG" checkpoint.resume=latest "$@")
 LAUNCH="$PYTHON -m accelerate.commands.launch --multi_gpu --num_machines $NNODES \
@@ -55,8 +59,13 @@ LAUNCH="$PYTHON -m accelerate.commands.launch --multi_gpu --num_machines $NNODES
 echo "sana-sr: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NNODES nodes x $PROCS_PER_NODE processes," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-# \$SLURM_NODEID is escaped: each node expands its own machine rank.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+# srun does not inherit --cpus-per-task from sbatch since Slurm 22.05: without it, where the cluster confines CPUs,
+# a node's trainers and loader workers would share one CPU. \$SLURM_NODEID is escaped: each node expands its own.
+CPUS=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+srun --ntasks-per-node=1 "${CPUS[@]}" --kill-on-bad-exit=1 \
     bash -c "exec $LAUNCH --machine_rank \$SLURM_NODEID -m sana_sr.train $TRAIN_ARGS" &
 STEP_PID=$!
 

@@ -2,7 +2,14 @@
 
 Everything listens on the loopback (127.0.0.1): the controller, every node (NodeAddr), the munge socket (a file
 in the cluster's own folder). No test traffic leaves the machine. Needs Debian's slurm-wlm and munge and root
-(SlurmUser=root); proctrack/linuxproc and task/none avoid cgroups.
+(SlurmUser=root). proctrack/linuxproc avoids cgroups.
+
+CPU binding: task/affinity (sched_setaffinity only), with each node's CPUs but one declared specialised
+(`CpuSpecList`), so that node K's tasks are bound to CPU K: all nodes share one host, and without that every node
+would bind its first task to CPU 0. Tried here (Debian slurm-wlm 22.05 in a container, cgroup v1 mounted rw):
+task/affinity binds as intended; task/cgroup (cgroup/v1, ConstrainCores, proctrack/cgroup) also confines tasks, but
+it creates slurm_nodeK hierarchies in the host's /sys/fs/cgroup that outlive the cluster, so the tests do not use
+it. With fewer host CPUs than nodes the cluster falls back to task/none.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def free_ports(count: int) -> list[int]:
 class SlurmCluster:
     def __init__(self, root: Path, nodes: int = 2, cpus: int = 2):
         self.root, self.nodes, self.cpus = root, nodes, cpus
+        # Binding node K to CPU K needs that CPU on this host, and a CPU per node in each node's declaration.
+        self.binds_cpus = len(os.sched_getaffinity(0)) >= nodes and cpus >= nodes
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
@@ -65,7 +74,7 @@ class SlurmCluster:
             f"SlurmctldLogFile={self.root / 'slurmctld.log'}",
             f"SlurmdLogFile={self.root / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            f"TaskPlugin={'task/affinity' if self.binds_cpus else 'task/none'}",
             "SchedulerType=sched/backfill",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
@@ -79,9 +88,12 @@ class SlurmCluster:
             "KillWait=60",
         ]
         names = [f"node{i + 1}" for i in range(self.nodes)]
-        for name, port in zip(names, node_ports):
+        for i, (name, port) in enumerate(zip(names, node_ports)):
+            spec = ""
+            if self.binds_cpus:  # node i keeps CPU i for jobs; the others are "specialised" (daemons only)
+                spec = "CpuSpecList=" + ",".join(str(c) for c in range(self.cpus) if c != i) + " "
             lines.append(f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname={host} Port={port} CPUs={self.cpus} "
-                         "State=UNKNOWN")
+                         f"{spec}State=UNKNOWN")
         lines.append(f"PartitionName=test Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP "
                      "OverSubscribe=YES")
         self.conf.write_text("\n".join(lines) + "\n")

@@ -66,6 +66,41 @@ def test_two_nodes_train_one_synchronised_model(cluster, shards, tmp_path):
     assert (run_dir / "final" / "pipeline" / "model_index.json").is_file()
 
 
+def test_too_few_shards_for_ranks_times_workers_stop_the_job_at_start(cluster, shards, tmp_path):
+    """8 shards for 2 ranks x 8 loader workers: the script's preflight says so in one line before any trainer starts
+    (the documented 2-node x 8-GPU job with 8 workers meets this with LSDIR and the default shard size)."""
+    job = _submit(cluster, tmp_path, [*TINY_ARGS, f"data.shards={shards}", f"output_dir={tmp_path / 'run'}",
+                                      "optim.global_batch_size=4", "data.workers=8"])
+    info = cluster.wait(job, timeout=300)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("sana-sr: ")]
+    assert errors == [f"sana-sr: 8 shards in {shards} are too few for 2 ranks x 8 workers = 16 readers: re-write "
+                      "them with `sana-sr shards --max-count 1` (at least 16 shards), or set data.workers=4 or fewer"]
+    assert "world 2" not in output and not (tmp_path / "run").exists()
+
+
+def test_srun_gets_the_cpu_allocation_and_each_node_its_own_cpu(cluster, tmp_path):
+    """What the script passes to srun, seen from inside the step: the task's CPU count and, where the cluster binds
+    CPUs (task/affinity here), a CPU of its own per node."""
+    script = tmp_path / "probe.sh"
+    text = SCRIPT.read_text()
+    # The script up to its srun line, with the trainer replaced by a probe of the step's CPU allocation.
+    head = text[: text.index('srun --ntasks-per-node=1 "${CPUS[@]}"')]
+    head = head.replace('"$PYTHON" -m sana_sr.train.preflight', ": preflight skipped")
+    script.write_text(head + 'srun --ntasks-per-node=1 "${CPUS[@]}" bash -c \'echo "cpus $SLURM_NODEID '
+                      '$SLURM_CPUS_PER_TASK $(grep Cpus_allowed_list /proc/self/status | cut -f2)"\'\n')
+    job = cluster.sbatch(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
+                          f"--output={tmp_path}/job-%j.out", str(script), "unused.yaml"], env={}, cwd=tmp_path)
+    info = cluster.wait(job, timeout=120)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", output
+    lines = sorted(line.split()[1:] for line in output.splitlines() if line.startswith("cpus "))
+    assert [line[:2] for line in lines] == [["0", "1"], ["1", "1"]], output
+    if cluster.binds_cpus:
+        assert [line[2] for line in lines] == ["0", "1"], output
+
+
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
     run_dir = tmp_path / "run"
     job = _submit(cluster, tmp_path, [*TINY_ARGS, f"data.shards={shards}", f"output_dir={run_dir}",

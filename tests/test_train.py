@@ -34,6 +34,35 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[0]}"
 
 
+def test_a_failing_loop_closes_its_data_stream(tmp_path):
+    """An error inside the loop must end the data stream (and with it the loader workers, which ignore SIGTERM):
+    left open, the interpreter's exit waits on the workers forever and a crashed job holds its nodes."""
+    from sana_sr.distributed import DistConfig
+    from sana_sr.train.config import CheckpointConfig, LogConfig, OptimConfig
+    from sana_sr.train.loop import TrainLoop
+
+    closed = []
+
+    class Failing(TrainLoop):
+        def batches(self):
+            try:
+                while True:
+                    yield {"key": ["sample"]}
+            finally:
+                closed.append(True)
+
+        def compute_loss(self, batch):
+            raise RuntimeError("a bad batch")
+
+    loop = Failing(tmp_path, OptimConfig(max_steps=3, micro_batch_size=1, global_batch_size=1, ema_decay=0.0),
+                   DistConfig(cpu=True), CheckpointConfig(), LogConfig(), seed=0)
+    module = torch.nn.Linear(2, 2)
+    loop.prepare(module, [{"params": list(module.parameters())}])
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        loop.train()
+    assert closed == [True]
+
+
 @pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise(shards, tmp_path):
     args = [*TINY_ARGS, f"data.shards={shards}", "optim.max_steps=10", "checkpoint.resume=latest",

@@ -84,3 +84,26 @@ def run_until(cmd: list[str], line_prefix: str, timeout: float = 300) -> tuple[i
         if line.startswith(line_prefix):
             proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout), "".join(lines)
+
+
+def run_measured(cmd: list[str], timeout: float = 1800, **kwargs) -> tuple[str, dict[str, float]]:
+    """Run `cmd` to completion; (its output, {"wall_s", "cpu_s", "peak_rss_gib"}) from the kernel's account of that
+    child (os.wait4: its own peak, or a waited-for descendant's if larger)."""
+    import threading
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=train_env(),
+                            **kwargs)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        output = proc.stdout.read()  # to EOF: the child closes it when it exits
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cost = {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gib": usage.ru_maxrss / 2**20}
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-5000:]}"
+    return output, cost

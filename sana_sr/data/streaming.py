@@ -322,6 +322,22 @@ class StreamingLoader:
         return batch
 
 
+def check_readers(spec, num_shards: int, world_size: int, workers: int, sizes: dict[str, int] | None = None) -> None:
+    """Every reader (rank x loader worker) needs a shard of its own, or it idles and the ranks' batch counts
+    differ (DDP then hangs); raises a one-line ValueError with both numbers and the two fixes."""
+    readers = world_size * max(1, workers)
+    if num_shards >= readers:
+        return
+    samples = sum(sizes.values()) if sizes else None
+    rewrite = f"--max-count {max(1, samples // readers)}" if samples else "a smaller --max-count"
+    raise ValueError(
+        f"{num_shards} shards in {spec} are too few for {world_size} ranks x {max(1, workers)} workers = "
+        f"{readers} readers: re-write them with `sana-sr shards {rewrite}` (at least {readers} shards), or set "
+        f"data.workers={max(1, num_shards // world_size) if num_shards >= world_size else 1} or fewer"
+        + ("" if num_shards >= world_size else " and use fewer ranks")
+    )
+
+
 def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], config: LoaderConfig | None = None, *,
                 degradation: DegradationConfig | None = _DEFAULT, rank: int | None = None,
                 world_size: int | None = None, **overrides) -> StreamingLoader:  # fmt: skip
@@ -335,13 +351,7 @@ def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], config:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     urls, sizes = resolve_shards(shards)
-    readers = world_size * max(1, config.num_workers)
-    if len(urls) < readers:
-        raise ValueError(
-            f"{len(urls)} shards in {shards} are too few for {world_size} ranks x {max(1, config.num_workers)} "
-            f"workers = {readers} readers: write more, smaller shards (sana-sr shards --max-count) or lower "
-            "LoaderConfig.num_workers"
-        )
+    check_readers(shards, len(urls), world_size, config.num_workers, sizes)
     if config.mode == "resampled" and config.epoch_samples is None and sizes is None:
         raise ValueError(f"cannot tell how many samples {shards} holds (no sizes.json for every shard): "
                          "set LoaderConfig.epoch_samples")  # fmt: skip

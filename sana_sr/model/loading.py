@@ -36,13 +36,18 @@ def build_pipeline(
     seed: int = 0,
     vae_id: str | None = None,
     base_id: str | None = None,
+    text_encoder_layers: int | None = None,
 ) -> SanaSRPipeline:
     """Assemble the pipeline of `preset`.
 
     weights: "random" (seeded init; what `tiny` is for), "meta" (shapes only, for parameter and MAC counts of
     the real sizes without memory) or "pretrained" (DC-AE and SANA weights by hub id, through `from_pretrained`).
     text_encoder: keep Gemma-2 and its tokenizer; without it the pipeline conditions on its stored default prompt.
+    Either way the stored default prompt (the null prompt "" unless told otherwise) is the encoder's output for it,
+    computed here once; it is never a zero placeholder.
     vae_id, base_id: hub ids or local folders overriding the preset's (a local mirror of the hub repos, say).
+    text_encoder_layers: with random weights, build Gemma-2 at the preset's width with this many layers instead of
+    the preset's (the 26 of Gemma-2-2B take 8 GiB; tests and benchmarks need only the real width).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if vae_id or base_id:
@@ -51,23 +56,28 @@ def build_pipeline(
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
 
     if weights == "pretrained":
-        vae, transformer, encoder, tokenizer = _load_pretrained(preset, text_encoder)
+        vae, transformer = _load_pretrained(preset)
+        encoder, tokenizer = load_text_encoder(preset.base_id)
     else:
         torch.manual_seed(seed)
-        with torch.device("meta" if weights == "meta" else "cpu"):
+        meta = weights == "meta"
+        with torch.device("meta" if meta else "cpu"):
             vae = AutoencoderDC(**preset.vae)
             transformer = SanaTransformer2DModel(**preset.transformer)
-            # Only tiny can build its tokenizer offline; the real ones come from the hub with their weights.
-            tokenizer = build_tiny_tokenizer() if preset.name == "tiny" else None
-            encoder = build_text_encoder(preset.text_encoder, tokenizer) if text_encoder else None
+            # The real tokenizers come from the hub with their weights; random weights get one built locally (its
+            # vocabulary sizes the embedding table). The meta build keeps the real vocabulary for parameter counts.
+            tokenizer = build_tiny_tokenizer() if preset.name == "tiny" or not meta else None
+            encoder_config = dict(preset.text_encoder)
+            if text_encoder_layers is not None and not meta:
+                encoder_config["num_hidden_layers"] = text_encoder_layers
+            encoder = build_text_encoder(encoder_config, tokenizer) if text_encoder or not meta else None
 
     prompt = None
-    if encoder is not None and tokenizer is not None and weights != "meta":
+    if weights != "meta":
         encoder.eval()
         prompt = PromptEmbedding.from_encoder(tokenizer, encoder, default_prompt, preset.max_sequence_length)
-    elif weights != "meta":
-        prompt = PromptEmbedding(default_prompt, preset.max_sequence_length, preset.transformer["caption_channels"])
-        prompt.mask.data.fill_(1.0)
+        if not text_encoder:  # the embedding stays; the encoder (2B parameters for the real sizes) goes
+            encoder, tokenizer = None, None
 
     vae.requires_grad_(False)
     vae.eval()
@@ -87,7 +97,7 @@ def build_pipeline(
     )
 
 
-def _load_pretrained(preset: Preset, text_encoder: bool):
+def _load_pretrained(preset: Preset):
     if preset.vae_id is None or preset.base_id is None:
         raise ValueError(
             f"preset {preset.name!r} has no published weights: build it with weights='random', "
@@ -99,8 +109,7 @@ def _load_pretrained(preset: Preset, text_encoder: bool):
                                     "(the tiny base is made by `sana-sr pretrain-tiny`)")
     vae = AutoencoderDC.from_pretrained(preset.vae_id, torch_dtype=torch.float32)
     transformer = SanaTransformer2DModel.from_pretrained(preset.base_id, subfolder="transformer")
-    encoder, tokenizer = load_text_encoder(preset.base_id) if text_encoder else (None, None)
-    return vae, transformer, encoder, tokenizer
+    return vae, transformer
 
 
 def load_text_encoder(source: str | os.PathLike):

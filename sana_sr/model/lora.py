@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,34 +56,53 @@ def has_lora(transformer: nn.Module) -> bool:
     return bool(getattr(transformer, "peft_config", None))
 
 
-def base_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+def base_state_dict(transformer: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The weights of the model under its adapter, keyed as the model without PEFT layers.
 
     PEFT wraps each target as `name.base_layer` beside `name.lora_A/B`; saving that state dict would give a
     folder that `from_pretrained` cannot read, so the base weights are renamed back and the adapter dropped.
+    `state`: the module's state dict as the caller has it (e.g. gathered from ZeRO-3 partitions); default: its own.
     """
-    state = {}
-    for key, value in transformer.state_dict().items():
+    base = {}
+    for key, value in (transformer.state_dict() if state is None else state).items():
         if ".lora_" in key:
             continue
-        state[key.replace(".base_layer.", ".")] = value.detach().contiguous()
-    return state
+        base[key.replace(".base_layer.", ".")] = value.detach().contiguous()
+    return base
 
 
-def save_transformer_without_lora(transformer: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the base model (config + safetensors) in diffusers layout, leaving any adapter out."""
+def save_transformer_without_lora(transformer: nn.Module, directory: str | os.PathLike,
+                                  state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the base model (config + safetensors) in diffusers layout, leaving any adapter out; `state` as in
+    `base_state_dict`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     transformer.save_config(directory)
     safetensors.torch.save_file(
-        base_state_dict(transformer), str(directory / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"}
+        base_state_dict(transformer, state), str(directory / "diffusion_pytorch_model.safetensors"),
+        metadata={"format": "pt"},
     )
 
 
-def save_lora(transformer: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapter as diffusers' `pytorch_lora_weights.safetensors`, its PEFT config in the metadata."""
-    transformer.save_lora_adapter(str(directory), adapter_name=ADAPTER_NAME, weight_name=LORA_WEIGHT_NAME)
-    return Path(directory) / LORA_WEIGHT_NAME
+def save_lora(transformer: nn.Module, directory: str | os.PathLike,
+              state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter as diffusers' `pytorch_lora_weights.safetensors`, its PEFT config in the metadata (what
+    diffusers' `save_lora_adapter` writes). `state`: the adapter's tensors by module name, when the module's own
+    are not the ones to save (fp32 masters or EMA of a bf16 or ZeRO-3-partitioned module); default: the module's."""
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft.utils import get_peft_model_state_dict
+
+    config = transformer.peft_config[ADAPTER_NAME].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    tensors = get_peft_model_state_dict(transformer, state_dict=state, adapter_name=ADAPTER_NAME)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    path = Path(directory) / LORA_WEIGHT_NAME
+    safetensors.torch.save_file(tensors, str(path), metadata={
+        "format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)})
+    return path
 
 
 def load_lora(transformer: nn.Module, directory_or_file: str | os.PathLike) -> None:
@@ -98,3 +118,34 @@ def merge_lora(transformer: nn.Module) -> None:
     """Fold the adapter into the base weights and remove the PEFT layers (inference then costs nothing extra)."""
     transformer.fuse_lora()
     transformer.unload_lora()
+
+
+def enable_adapter_aware_checkpointing(transformer: nn.Module) -> None:
+    """Gradient checkpointing that recomputes each block with its adapter switched as it was in the forward pass.
+
+    The training objective runs the DiT a second time with the adapter disabled (the frozen prior) and needs
+    gradients through that pass; plain checkpointing would recompute it in the backward pass with the adapter
+    enabled again, and torch stops ("Recomputed values ... have different metadata than during the forward pass").
+    """
+    import torch.utils.checkpoint
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def checkpoint(block: nn.Module, *args):
+        layers = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
+        disabled_in_forward = [m.disable_adapters for m in layers]
+
+        @contextmanager
+        def as_in_forward():
+            now = [m.disable_adapters for m in layers]
+            for layer, disabled in zip(layers, disabled_in_forward):
+                layer.enable_adapters(not disabled)
+            try:
+                yield
+            finally:
+                for layer, disabled in zip(layers, now):
+                    layer.enable_adapters(not disabled)
+
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                                 context_fn=lambda: (nullcontext(), as_in_forward()))
+
+    transformer.enable_gradient_checkpointing(checkpoint)

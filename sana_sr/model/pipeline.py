@@ -70,6 +70,12 @@ def one_step_restore(
     return latents - sigma * predict_velocity(transformer, latents, t, prompt_embeds, prompt_mask)
 
 
+def _own_dtype(module: torch.nn.Module):
+    """Switch off an enclosing autocast (training's bf16): the DC-AE runs in the dtype it is held in, which
+    `model.vae_dtype` chose (fp32 by default: SANA's users report fp16 NaNs, and bf16 costs reconstruction detail)."""
+    return torch.autocast(module.device.type, enabled=False)
+
+
 def _to_batch(image) -> torch.Tensor:
     """PIL image(s) or a (B, 3, H, W) / (3, H, W) tensor in [0, 1] -> float tensor (B, 3, H, W)."""
     if isinstance(image, Image.Image):
@@ -160,13 +166,15 @@ class SanaSRPipeline(DiffusionPipeline):
         return embeds.to(device), mask.to(device)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents."""
-        latents = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent
+        """Images in [-1, 1] -> scaled latents, computed in the DC-AE's own dtype."""
+        with _own_dtype(self.vae):
+            latents = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent
         return latents * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] (unclamped)."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        """Scaled latents -> images in [-1, 1] (unclamped), computed in the DC-AE's own dtype."""
+        with _own_dtype(self.vae):
+            return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     @contextmanager
     def ae_tiling(self, tiling: TileSettings | None):
@@ -263,24 +271,28 @@ class SanaSRPipeline(DiffusionPipeline):
             raise ValueError("no default prompt embedding is stored: dropping the text encoder would leave no prompt")
         self.register_modules(text_encoder=None, tokenizer=None)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any."""
-        with atomic_directory(save_directory) as tmp:
-            self.write_folder(tmp)
+    def save_pretrained(self, save_directory: str | os.PathLike, transformer_state: dict | None = None,
+                        **kwargs) -> None:
+        """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any.
 
-    def write_folder(self, directory: Path) -> None:
+        `transformer_state`: the transformer's state dict to write instead of its own tensors (a trainer's export:
+        weights gathered from ZeRO-3 partitions, fp32 masters or the EMA of a bf16 module)."""
+        with atomic_directory(save_directory) as tmp:
+            self.write_folder(tmp, transformer_state)
+
+    def write_folder(self, directory: Path, transformer_state: dict | None = None) -> None:
         """What save_pretrained writes, into an existing folder: for callers that add files of their own to the
         same atomic folder (`sana-sr compress` adds its report)."""
         self.save_config(directory)
         for name, component in self.components.items():
             if component is None:
                 continue
-            if name == "transformer" and has_lora(component):
-                save_transformer_without_lora(component, directory / name)
+            if name == "transformer" and (has_lora(component) or transformer_state is not None):
+                save_transformer_without_lora(component, directory / name, transformer_state)
             else:
                 component.save_pretrained(directory / name)  # a compressed component writes its packed export
         if has_lora(self.transformer):
-            save_lora(self.transformer, directory / "lora")
+            save_lora(self.transformer, directory / "lora", transformer_state)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, load_lora_adapter: bool = True, **kwargs):

@@ -93,5 +93,12 @@ class PromptEmbedding(ModelMixin, ConfigMixin):
         return module
 
     def expand(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(embeds, mask)` repeated for a batch."""
+        """`(embeds, mask)` repeated for a batch. A placeholder that no encoder ever filled (an all-zero mask: not
+        one token) is an error, never a silent zero conditioning the DiT was not trained on."""
+        if not bool(self.mask.detach().any()):
+            raise ValueError(
+                f"the stored prompt embedding of {self.config.prompt!r} is an empty placeholder (no token in its "
+                "mask): compute it with the text encoder (PromptEmbedding.from_encoder, or build_pipeline / "
+                "load a pipeline that has its default_prompt/ folder)"
+            )
         return self.embeds.expand(batch_size, -1, -1), self.mask.expand(batch_size, -1).long()

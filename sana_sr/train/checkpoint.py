@@ -1,9 +1,10 @@
 """Atomic, resumable training checkpoints.
 
 `output_dir/checkpoint-00000500/` holds, once complete:
-- Accelerate's state: optimizer, LR scheduler, EMA, the RNG states of every rank, and the trainable (LoRA)
+- Accelerate's state: optimizer, LR scheduler, the RNG states of every rank, and the trainable (LoRA)
   weights only (DDP: a save hook drops the frozen base; DeepSpeed: `exclude_frozen_parameters`);
-- `rank{r}.pt`: what differs per rank (data position, the on-device generator, the degradation queue);
+- `rank{r}.pt`: what differs per rank (data position, the on-device generator, the degradation queue, the EMA
+  shadows of the master slices this rank owns);
 - `trainer_state.json` (step, counters) and `lora/pytorch_lora_weights.safetensors` (the adapter, PEFT-loadable).
 
 Every rank writes into `.checkpoint-00000500.tmp/` (saving is collective under ZeRO), then rank 0 renames it: a
@@ -71,8 +72,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rank_state: dict[str, Any],
     keep_last: int,
+    lora_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+    """Collective: every rank calls it. Returns the final folder. `lora_state`: the adapter's whole fp32 weights
+    (gathered by the caller: under ZeRO-3 the module holds empty placeholders, under bf16 rounded copies)."""
     name = f"checkpoint-{step:08d}"
     final, tmp = output_dir / name, output_dir / f".{name}.tmp"
     if accelerator.is_main_process:
@@ -85,7 +88,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if has_lora(transformer):  # a full fine-tune's weights are in Accelerate's state only
-            save_lora(transformer, tmp / "lora")
+            save_lora(transformer, tmp / "lora", lora_state)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)

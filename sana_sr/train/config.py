@@ -24,6 +24,11 @@ class ModelConfig:
     """`pretrained` (the preset's hub ids; for tiny, the bundled base) or `random`."""
     path: str | None = None
     """A saved SanaSRPipeline folder or hub id to start from instead of the preset's weights."""
+    vae_id: str | None = None
+    """Hub id or local folder of the DC-AE, replacing the preset's (a local mirror laid out as the hub repo)."""
+    base_id: str | None = None
+    """Hub id or local folder of the SANA pipeline (transformer/, text_encoder/, tokenizer/), replacing the
+    preset's."""
     text_encoder: bool = False
     """Encode shard captions with Gemma-2 during training. False: use precomputed prompt embeddings from the
     shards when present, else the pipeline's stored default (null) prompt."""
@@ -126,7 +131,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Max global gradient norm."""
     ema_decay: float = 0.999
-    """EMA decay of the LoRA weights; 0 disables the EMA."""
+    """EMA decay of the trained weights (fp32 shadows of the fp32 masters, whatever the module's dtype); 0 disables
+    the EMA."""
+    ema_warmup: bool = True
+    """Ramp the decay as diffusers' EMAModel does (the first update copies, then min(ema_decay, (1+s)/(10+s)));
+    false: the first update copies, every later one uses ema_decay."""
     max_nonfinite_steps: int = 10
     """Abort after this many skipped micro-steps with a NaN/Inf loss."""
 

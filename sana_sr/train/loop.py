@@ -17,8 +17,10 @@ import hashlib
 import json
 import math
 import os
+import resource
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +29,11 @@ from accelerate.utils import DistributedType, set_seed
 
 from sana_sr.atomic import atomic_file
 from sana_sr.distributed import build_accelerator
+from sana_sr.model.lora import has_lora
 from sana_sr.train.checkpoint import keep_only_trainable, load_checkpoint, resolve_resume, save_checkpoint
 from sana_sr.train.config import CheckpointConfig, DistConfig, LogConfig, OptimConfig
+from sana_sr.train.ema import MasterEMA
+from sana_sr.train.sharded import full_masters, gathered
 from sana_sr.train.tracking import REQUEUE_EXIT_CODE, MetricsLog, StopRequest, tracker_names
 
 
@@ -78,13 +83,13 @@ class TrainLoop:
     # -- set-up ------------------------------------------------------------------------------------------------
     def prepare(self, module: torch.nn.Module, param_groups: list[dict], ema: bool = False) -> None:
         """AdamW over `param_groups` (each may set its own lr), the LR schedule, the accelerator's wrapping of
-        `module`, and an EMA of the trained tensors when `ema` and optim.ema_decay > 0."""
+        `module`, and an fp32 EMA of the trained weights' masters when `ema` and optim.ema_decay > 0."""
         from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
 
         acc, optim = self.accelerator, self.optim
         self.module = module
-        trainable = [p for group in param_groups for p in group["params"]]
+        # DeepSpeed bf16 casts the module in place; exports write each tensor back in the dtype it had here.
+        self.dtypes = {name: tensor.dtype for name, tensor in module.state_dict().items()}
         self.trainable_names = {n for n, p in module.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas),
                                       weight_decay=optim.weight_decay)
@@ -94,11 +99,35 @@ class TrainLoop:
         acc.register_save_state_pre_hook(keep_only_trainable(self.trainable_names))
         self.model, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
         if ema and optim.ema_decay > 0:
-            self.ema = EMAModel(trainable, decay=optim.ema_decay)
-            acc.register_for_checkpointing(self.ema)
+            # Built after prepare: under DeepSpeed the fp32 masters exist only now (and the module may be bf16).
+            self.ema = MasterEMA(self.trainable(), optim.ema_decay, optim.ema_warmup)
+
+    @contextmanager
+    def outside_zero3(self):
+        """A block in which transformers' `from_pretrained` builds whole modules under ZeRO-3, for the frozen helpers
+        that never go through `prepare` (the text encoder, a teacher): it partitions with zero.Init whenever
+        Accelerate's DeepSpeed config is registered, which Accelerate does whatever its zero3_init flag says."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None or not plugin.hf_ds_config.is_zero3():
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def trained_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
+        """{name: whole fp32 tensor} of the trained weights: the optimizer's masters, or the EMA. Collective under
+        DeepSpeed (every rank calls it; every rank gets the result)."""
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        tensors = self.ema.full() if ema else full_masters(self.trainable())
+        return dict(zip(names, tensors, strict=True))
 
     def resume(self) -> Path | None:
         """Load the checkpoint that checkpoint.resume names, if any; returns it."""
@@ -108,6 +137,8 @@ class TrainLoop:
             self.state, rank_state = load_checkpoint(acc, path)
             self.data_digest, self.samples_local = rank_state["data_digest"], rank_state["samples"]
             self.load_rank_state(rank_state)
+            if self.ema is not None:
+                self.ema.load_state_dict(rank_state["ema"])
             self.print(f"resumed from {path} at step {self.state['step']}")
         return path
 
@@ -200,6 +231,9 @@ class TrainLoop:
             self.end()
             return 0
         finally:
+            # Closing the stream ends its loader workers; after an error they would otherwise outlive the loop, and
+            # the interpreter's exit would wait on them forever (they ignore SIGTERM: see sana_sr.data.streaming).
+            batches.close()
             self.stop.close()
 
     def after_optimizer_step(self, window: Window, extra: object) -> bool:
@@ -208,7 +242,7 @@ class TrainLoop:
         self.state["samples"] += self.optim.global_batch_size
         step = self.state["step"]
         if self.ema is not None:
-            self.ema.step(self.trainable())
+            self.ema.update()
         self.on_optimizer_step(step, extra)
         if step % self.checkpoint_config.every_steps == 0 and step < self.optim.max_steps:
             self.checkpoint()
@@ -221,12 +255,12 @@ class TrainLoop:
         acc = self.accelerator
         names = sorted(window.sums)
         local = torch.tensor([*window.means(), window.data_wait], device=acc.device)
-        gathered = acc.gather(local.view(1, -1)).view(acc.num_processes, -1)
-        waits = gathered[:, -1].tolist()
+        rows = acc.gather(local.view(1, -1)).view(acc.num_processes, -1)
+        waits = rows[:, -1].tolist()
         skipped = acc.reduce(torch.tensor([float(self.state["skipped_samples"])], device=acc.device), "sum").item()
         seconds = time.perf_counter() - window.start
         samples = window.micro_steps * self.optim.micro_batch_size * acc.num_processes
-        metrics = {f"loss/{k}": v for k, v in zip(names, gathered[:, :-1].mean(0).tolist())}
+        metrics = {f"loss/{k}": v for k, v in zip(names, rows[:, :-1].mean(0).tolist())}
         metrics |= {
             "lr": self.scheduler.get_last_lr()[0],
             "throughput/samples_per_s": samples / max(seconds, 1e-9),
@@ -234,7 +268,11 @@ class TrainLoop:
             "throughput/data_wait_s_mean": sum(waits) / len(waits),
             "data/skipped_samples": int(skipped),
             "nonfinite_steps": self.state["nonfinite_steps"],
+            # This process's peak so far (rank 0's): what sizes a CPU node, and the GPU's on a GPU.
+            "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
+        if acc.device.type == "cuda":
+            metrics["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self.metrics.log(metrics, self.state["step"])
         self.print(f"step {self.state['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
@@ -253,7 +291,8 @@ class TrainLoop:
         stops the run rather than training diverged copies.
         """
         acc = self.accelerator
-        weights = torch.cat([p.detach().double().flatten() for p in self.trainable()])
+        with gathered(self.trainable()):  # ZeRO-3 ranks hold empty placeholders otherwise
+            weights = torch.cat([p.detach().double().flatten() for p in self.trainable()])
         position = torch.arange(1, weights.numel() + 1, dtype=torch.float64, device=weights.device)
         mine = {
             "rank": acc.process_index, "world_size": acc.num_processes, "samples": self.samples_local,
@@ -273,5 +312,8 @@ class TrainLoop:
             with atomic_file(self.output_dir / "replicas.json") as tmp:
                 tmp.write_text(json.dumps({"step": self.state["step"], "ranks": reports}, indent=2) + "\n")
         rank_state = {"data_digest": self.data_digest, "samples": self.samples_local} | self.rank_state()
+        if self.ema is not None:  # each rank's own shadows: they are partitioned as the masters are
+            rank_state["ema"] = self.ema.state_dict()
+        lora = self.trained_state() if has_lora(self.module) else None  # collective: every rank gathers
         return save_checkpoint(self.accelerator, self.output_dir, self.state["step"], self.module, dict(self.state),
-                               rank_state, self.checkpoint_config.keep_last)
+                               rank_state, self.checkpoint_config.keep_last, lora)

@@ -9,11 +9,12 @@ import torch
 
 from sana_sr.atomic import atomic_file
 from sana_sr.model.loading import build_pipeline
-from sana_sr.model.lora import LoraSettings, add_lora, save_lora
+from sana_sr.model.lora import LoraSettings, add_lora, enable_adapter_aware_checkpointing, save_lora
 from sana_sr.model.pipeline import SanaSRPipeline
 from sana_sr.train.config import TrainConfig, to_dict, to_yaml
 from sana_sr.train.loop import TrainLoop
 from sana_sr.train.objective import SRObjective
+from sana_sr.train.sharded import module_state
 from sana_sr.train.tracking import sample_grid, save_samples
 
 # Depthwise-conv weight grads come out channels-last on CPU; DDP copies them into its bucket (correct, just a copy).
@@ -26,7 +27,8 @@ def load_model(config: TrainConfig) -> SanaSRPipeline:
     if m.path:
         pipe = SanaSRPipeline.from_pretrained(m.path, load_lora_adapter=False)
     else:
-        pipe = build_pipeline(m.preset, weights=m.weights, text_encoder=m.text_encoder, seed=config.seed)
+        pipe = build_pipeline(m.preset, weights=m.weights, text_encoder=m.text_encoder, seed=config.seed,
+                              vae_id=m.vae_id, base_id=m.base_id)
     pipe.register_to_config(upscale=m.upscale, timestep_index=m.timestep_index)
     if not m.text_encoder and pipe.text_encoder is not None:
         pipe.drop_text_encoder()
@@ -36,7 +38,7 @@ def load_model(config: TrainConfig) -> SanaSRPipeline:
     for name, param in pipe.transformer.named_parameters():
         param.requires_grad_(m.finetune == "full" or ".lora_" in name)
     if m.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
+        enable_adapter_aware_checkpointing(pipe.transformer)
     pipe.transformer.train()
     return pipe
 
@@ -62,7 +64,11 @@ class Trainer(TrainLoop):
 
             lpips = load_lpips(acc.device)
 
-        self.pipe = load_model(cfg)
+        # Under ZeRO-3, transformers' from_pretrained would partition the text encoder (and the teacher) with
+        # zero.Init, leaving them unusable outside the engine: only the prepared DiT is DeepSpeed's to partition.
+        with self.outside_zero3():
+            self.pipe = load_model(cfg)
+            teacher = load_teacher(cfg.model.teacher, acc.device) if cfg.model.teacher else None
         self.pipe.vae.to(acc.device)
         if cfg.model.vae_dtype == "bf16":
             self.pipe.vae.to(torch.bfloat16)
@@ -73,7 +79,6 @@ class Trainer(TrainLoop):
         trainable = [p for p in self.transformer.parameters() if p.requires_grad]
         self.prepare(self.transformer, [{"params": trainable}], ema=True)
 
-        teacher = load_teacher(cfg.model.teacher, acc.device) if cfg.model.teacher else None
         self.objective = SRObjective(self.pipe, cfg.loss, lpips, teacher)
         d = cfg.data
         loader_config = LoaderConfig(
@@ -96,7 +101,7 @@ class Trainer(TrainLoop):
         self.print(
             f"world {acc.num_processes} ({acc.distributed_type}), global batch {cfg.optim.global_batch_size} = "
             f"micro {cfg.optim.micro_batch_size} x accumulation {self.accumulation} x world {acc.num_processes}, "
-            f"{sum(p.numel() for p in trainable)} trainable parameters"
+            f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable)} trainable parameters"
         )
 
     # -- one micro-batch ------------------------------------------------------------------------------------
@@ -145,21 +150,23 @@ class Trainer(TrainLoop):
 
     def export_final(self) -> None:
         """`final/lora` (last weights) and `final/lora_ema` (the EMA) when training a LoRA, and `final/pipeline`
-        (loadable by SanaSRPipeline.from_pretrained) with the EMA weights."""
+        (loadable by SanaSRPipeline.from_pretrained) with the EMA weights.
+
+        The trained tensors are the optimizer's fp32 masters and the fp32 EMA, never the module's copies (bf16 under
+        DeepSpeed bf16, empty placeholders under ZeRO-3); the frozen base is gathered and written in the dtype it
+        was loaded in. Gathering is collective, so every rank runs this; rank 0 writes."""
         acc = self.accelerator
+        last = self.trained_state()
+        ema = self.trained_state(ema=True) if self.ema is not None else None
+        base = module_state(self.transformer, self.dtypes, keep=acc.is_main_process)
         if not acc.is_main_process:
             return
         final = self.output_dir / "final"
-        lora = self.config.model.finetune == "lora"
-        if lora:
-            save_lora(self.transformer, final / "lora")
-        trainable = self.trainable()
-        if self.ema is not None:
-            self.ema.store(trainable)
-            self.ema.copy_to(trainable)
-            if lora:
-                save_lora(self.transformer, final / "lora_ema")
-        self.pipe.save_pretrained(final / "pipeline")
-        if self.ema is not None:
-            self.ema.restore(trainable)
-        self.print(f"final weights written to {final} ({len(trainable)} trained tensors)")
+        if self.config.model.finetune == "lora":
+            save_lora(self.transformer, final / "lora", last)
+            if ema is not None:
+                save_lora(self.transformer, final / "lora_ema", ema)
+        exported = ema if ema is not None else last
+        state = base | {name: tensor.to(self.dtypes[name]) for name, tensor in exported.items()}
+        self.pipe.save_pretrained(final / "pipeline", transformer_state=state)
+        self.print(f"final weights written to {final} ({len(exported)} trained tensors)")
