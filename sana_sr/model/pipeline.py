@@ -263,9 +263,12 @@ class SanaSRPipeline(DiffusionPipeline):
             raise ValueError("no default prompt embedding is stored: dropping the text encoder would leave no prompt")
         self.register_modules(text_encoder=None, tokenizer=None)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any."""
-        with atomic_directory(save_directory) as tmp:
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs) -> None:
+        """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any.
+
+        An existing folder is replaced only if empty or written by this method before (its marker file says so),
+        or with `overwrite`; else `sana_sr.atomic.OutputError`."""
+        with atomic_directory(save_directory, "SanaSRPipeline.save_pretrained", overwrite=overwrite) as tmp:
             self.write_folder(tmp)
 
     def write_folder(self, directory: Path) -> None:
