@@ -115,12 +115,13 @@ def _commands(unrelated: Path, model: Path, run_dir: Path, tmp: Path) -> dict[st
         "quickstart --out": ["quickstart", "--out", str(unrelated)],
         "quickstart --fresh": ["quickstart", "--out", str(unrelated), "--fresh"],
         "evaluate -o": ["evaluate", "--lr", photos, "--model", str(model), "-o", str(unrelated)],
+        "shards -o": ["shards", photos, "-o", str(unrelated), "--no-progress", "--workers", "1"],
     }
 
 
 @pytest.mark.parametrize("command", ["compress -o", "compress --work-dir", "prune --out", "publish --out",
                                      "pretrain-tiny --out", "pretrain-tiny --work-dir", "quickstart --out",
-                                     "quickstart --fresh", "evaluate -o"])
+                                     "quickstart --fresh", "evaluate -o", "shards -o"])
 def test_an_unrelated_folder_survives_every_command(command, unrelated, model, run_dir, tmp_path, capsys):
     before = snapshot(unrelated)
     argv = _commands(unrelated, model, run_dir, tmp_path)[command]

@@ -163,7 +163,8 @@ def decode_sample(sample: dict, settings: DecodeSettings, rng: np.random.Generat
     if settings.vflip and rng.uniform() < 0.5:
         crop = crop[::-1]
     out = {
-        "hq": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
+        # A real copy: ascontiguousarray keeps the negative strides of a flipped crop with a side of 1, torch refuses.
+        "hq": torch.from_numpy(crop.transpose(2, 0, 1).copy()),
         "key": key,
         "caption": sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else "",
     }
