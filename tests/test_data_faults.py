@@ -133,6 +133,60 @@ def test_a_stuck_rank_ends_the_job_after_the_process_group_timeout(tmp_path):
     assert float(output.split("gave up after ")[1].split(" s")[0]) < 4 + 20, output[-2000:]
 
 
+def skip_shards(folder) -> None:
+    """Shards of 2 good photo crops each, half of them led by a bad sample (too small for the crop): with batches of
+    2 and no shuffling, every batch is one shard and carries its skip count (0 or 1)."""
+    from PIL import Image
+
+    from .train_helpers import write_photo_crops
+
+    crops = sorted(write_photo_crops(folder / "images", per_photo=2).iterdir())
+    small = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(small, "PNG")
+    sizes = {}
+    for s in range(len(crops) // 2):
+        members = [(f"bad{s}.png", small.getvalue())] if s % 2 == 0 else []
+        members += [(f"g{s}_{i}.png", crops[2 * s + i].read_bytes()) for i in range(2)]
+        write_tar(folder / f"s-{s:02d}.tar", members)
+        sizes[f"s-{s:02d}.tar"] = len(members)
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+
+
+def true_skips(folder, seed: int, steps: int, epoch_samples: int) -> list[int]:
+    """The bad samples each of 2 ranks meets in its first `steps` batches, read here by the loader itself."""
+    config = LoaderConfig(batch_size=2, num_workers=1, crop_size=64, shuffle_buffer=0, shuffle_initial=0, seed=seed,
+                          epoch_samples=epoch_samples)
+    counts = []
+    for rank in range(2):
+        loader = make_loader(folder, config, degradation=None, rank=rank, world_size=2)
+        batches = iter(loader)
+        counts.append(sum(next(batches)["skipped"] for _ in range(steps)))
+    return counts
+
+
+@pytest.mark.slow
+def test_the_skip_count_after_a_two_process_resume_is_the_true_count(tmp_path):
+    from .slurm_cluster import free_ports
+    from .train_helpers import REPO, TINY_ARGS, accelerate_launch, metrics, run
+
+    shards, out = tmp_path / "shards", tmp_path / "run"
+    skip_shards(shards)
+    seed, epoch_samples = 2, 400
+    truth3, truth6 = true_skips(shards, seed, 3, epoch_samples), true_skips(shards, seed, 6, epoch_samples)
+    assert truth3[0] != truth3[1]  # else every rank restoring rank 0's count would look right
+    args = [*TINY_ARGS, f"data.shards={shards}", "data.shuffle_buffer=0", f"data.seed={seed}",
+            f"data.epoch_samples={epoch_samples}", "optim.global_batch_size=4", "model.lora_rank=4",
+            "checkpoint.resume=latest", f"output_dir={out}"]
+    run([*accelerate_launch(2, free_ports(1)[0]), *args, "optim.max_steps=3"], cwd=REPO)
+    assert metrics(out)[-1]["data/skipped_samples"] == sum(truth3)
+    resumed = run([*accelerate_launch(2, free_ports(1)[0]), *args, "optim.max_steps=6"], cwd=REPO)
+    assert "at step 3" in resumed.stdout
+    last = metrics(out)[-1]
+    assert last["step"] == 6 and last["data/skipped_samples"] == sum(truth6), (last, truth3, truth6)
+    state = json.loads((out / "checkpoint-00000006" / "trainer_state.json").read_text())
+    assert state["skipped_samples"] == sum(truth6)
+
+
 @pytest.mark.slow
 def test_training_on_an_all_bad_stream_stops_in_one_line(tmp_path):
     """`data.prompt_embeds=true` on shards written without embeddings, with the default bound."""
