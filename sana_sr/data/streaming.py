@@ -32,7 +32,6 @@ RANK/WORLD_SIZE environment (as webdataset reads them), else torch.distributed.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
 import math
@@ -61,6 +60,7 @@ from sana_sr.data.samples import (
     read_shard,
     shard_names,
 )
+from sana_sr.data.workers import ignore_termination
 
 MODES = ("resampled", "exact")
 _DEFAULT: DegradationConfig = DegradationConfig()  # a sentinel: "not given" (None means "no kernels")
@@ -258,38 +258,6 @@ class _ShardStream(IterableDataset):
                                       f"{counter.last_reason or 'empty'}; last shard: {url}): are the shards readable?")
 
 
-def _ignore_termination(worker_id: int) -> None:
-    """Slurm signals every process of a job step: a worker that died of SIGTERM would make the trainer raise
-    before it can checkpoint. The trainer owns shutdown; its workers end with it: the kernel kills a worker when
-    its trainer dies (else one stuck in a shard, where torch's watchdog never runs, would outlive it for ever).
-    Workers start with SIGTERM blocked (StreamingLoader.__iter__), so one arriving before this runs is ignored too."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-
-
-@atexit.register
-def _kill_loader_workers() -> None:
-    """Loader workers ignore SIGTERM (above), so multiprocessing's exit handler, which terminates and then joins
-    them, would wait for ever on one stuck in a shard (a timed-out `pipe:` read): kill them first (atexit runs the
-    last registered first). At exit they have nothing left to do."""
-    import multiprocessing
-
-    for process in multiprocessing.active_children():
-        try:
-            name = Path(f"/proc/{process.pid}/comm").read_text().strip()  # torch names its workers so
-        except OSError:
-            continue
-        if process.daemon and name == "pt_data_worker":
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call the kill a worker failure
-            process.kill()
-
-
 class StreamingLoader:
     """Iterable of batches with a length; not a torch DataLoader, so `accelerator.prepare` leaves it alone (which
     is right: each rank already reads its own data)."""
@@ -304,7 +272,7 @@ class StreamingLoader:
         kwargs: dict = {"batch_size": None, "num_workers": c.num_workers}  # pinning is done after the float cast
         if c.num_workers > 0:
             kwargs.update(prefetch_factor=c.prefetch_factor, persistent_workers=False,
-                          worker_init_fn=_ignore_termination, timeout=c.timeout_s)
+                          worker_init_fn=ignore_termination, timeout=c.timeout_s)
         self.loader = wds.WebLoader(dataset, **kwargs)
         if c.mode == "resampled":
             self.loader = self.loader.with_epoch(len(self))
@@ -337,7 +305,7 @@ class StreamingLoader:
         count = 0
         batches = iter(self.loader)
         # Workers are forked by the first fetch; SIGTERM stays blocked until each has ignored it
-        # (_ignore_termination). A signal for this process meanwhile is delivered when the mask is restored.
+        # (ignore_termination). A signal for this process meanwhile is delivered when the mask is restored.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             first = self._next(batches)
