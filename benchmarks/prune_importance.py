@@ -175,7 +175,7 @@ def prepare_base(args) -> SanaSRPipeline:
                                                     seed=args.seed)).run()
     set_scaling_factor(pipe.vae, crops)
     train_steps(pipe, args.base_steps, 1e-3, args.batch, args.crop, args.seed + 7, label="base SR")
-    with atomic_directory(folder) as tmp:
+    with atomic_directory(folder, "benchmarks/prune_importance.py") as tmp:
         pipe.save_pretrained(tmp)
     return SanaSRPipeline.from_pretrained(folder)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,12 +35,18 @@ class DistConfig:
     """`auto` (bf16 on GPU, none on CPU), `bf16` or `no`."""
     cpu: bool = False
     """Train on CPU even when a GPU is present."""
+    timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, collective checkpoint save) waits for the other ranks before the
+    job fails: a dead or stuck rank ends the run instead of holding the allocation until the time limit. Must cover
+    the longest work one rank does alone between collectives (the final export, a DIV2K LQ cache)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in ("ddp", "deepspeed"):
             raise ValueError(f"dist.strategy must be 'ddp' or 'deepspeed', got {self.strategy!r}")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"dist.mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"dist.timeout_s must be > 0, got {self.timeout_s}")
 
 
 
@@ -58,6 +65,7 @@ def build_accelerator(
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     on_cpu = dist.cpu or not torch.cuda.is_available()
+    timeout = timedelta(seconds=dist.timeout_s)  # torch's default would wait 30 min (gloo) or 10 (NCCL) silently
     common = dict(
         mixed_precision=mixed_precision(dist, on_cpu), gradient_accumulation_steps=accumulation, log_with=log_with
     )
@@ -68,10 +76,11 @@ def build_accelerator(
             hf_ds_config=str(config_path), gradient_accumulation_steps=accumulation, gradient_clipping=grad_clip
         )
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+        handlers = [InitProcessGroupKwargs(backend="gloo" if on_cpu else None, timeout=timeout)]
         accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **common)
     else:
-        handlers = [DistributedDataParallelKwargs(**ddp_kwargs)] if ddp_kwargs else []
+        handlers = [InitProcessGroupKwargs(timeout=timeout)]
+        handlers += [DistributedDataParallelKwargs(**ddp_kwargs)] if ddp_kwargs else []
         accelerator = Accelerator(cpu=on_cpu, kwargs_handlers=handlers, **common)
     verify_world(accelerator)
     return accelerator

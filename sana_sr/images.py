@@ -8,7 +8,9 @@ message; every write is atomic.
 from __future__ import annotations
 
 import os
+import stat
 import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", "
               ".bmp": "BMP"}
 """The one list of image file suffixes every command reads and writes, with Pillow's format for each."""
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
+MAX_SIDE = {"JPEG": 65535, "WEBP": 16383, "PNG": 2**31 - 1, "TIFF": 2**31 - 1, "BMP": 2**31 - 1}
+"""The largest width or height each format's encoder can write."""
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -58,6 +62,19 @@ def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
         8: lambda a: np.swapaxes(a, 0, 1)[::-1],
     }
     return np.ascontiguousarray(ops[orientation](array)) if orientation in ops else array
+
+
+def printable(text: str) -> str:
+    """`text` with control characters and undecodable bytes of file names escaped: a message stays one line."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
+
+
+def check_output_size(path: str | os.PathLike, width: int, height: int) -> None:
+    """ImageError if the format of `path` cannot hold a `width` x `height` image."""
+    fmt = EXTENSIONS.get(Path(path).suffix.lower())
+    if fmt is not None and max(width, height) > MAX_SIDE[fmt]:
+        raise ImageError(f"the output would be {width}x{height}, larger than {fmt} can hold ({MAX_SIDE[fmt]} pixels "
+                         "a side): use --format png or tile the input")
 
 
 def walk_files(root: str | os.PathLike) -> Iterator[Path]:
@@ -107,9 +124,14 @@ def _is_16bit_color(path: Path, im: Image.Image) -> bool:
 
 @contextmanager
 def decode_errors(error: type[Exception]) -> Iterator[None]:
-    """Re-raise PIL's ways of failing on a bad file as `error` with a one-line reason (and `error` as is)."""
+    """Re-raise PIL's ways of failing on a bad file as `error` with a one-line reason (and `error` as is).
+
+    Pillow's decompression-bomb *warning* is silenced: callers enforce pixel limits of their own, and a warning
+    would print lines of its own."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
     except error:
         raise
     except Image.DecompressionBombError as e:
@@ -118,21 +140,33 @@ def decode_errors(error: type[Exception]) -> Iterator[None]:
         raise error("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise error(f"truncated or corrupt image: {e}") from None
+    except Exception as e:  # noqa: BLE001 - decoders fail in many more ways on hostile bytes (struct, index, memory)
+        raise error(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:
     """Decode `path` fully, or raise ImageError saying why not."""
     path = Path(path)
-    if not path.exists():
-        raise ImageError("no such file")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        dangling = path.is_symlink() and e.errno == 2
+        raise ImageError("a link to nothing (dangling symlink)" if dangling else
+                         "no such file" if e.errno == 2 else f"cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
         raise ImageError("is a folder, not an image")
+    if not stat.S_ISREG(mode):  # a FIFO would block for ever; opening a device can do things
+        raise ImageError("not a regular file (a FIFO, socket or device)")
     if path.stat().st_size == 0:
         raise ImageError("empty file (0 bytes)")
     with decode_errors(ImageError):
         with Image.open(path) as im:
             if im.format not in FORMATS:
                 raise ImageError(f"unsupported format {im.format} (supported: {', '.join(FORMATS)})")
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                raise ImageError(f"{frames} frames (an animation or a multi-page file): only single images are "
+                                 "restored")
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
@@ -217,8 +251,24 @@ def save_image(path: str | os.PathLike, image: LoadedImage) -> None:
     alpha = quantize(image.alpha) if image.alpha is not None and fmt != "JPEG" else None
     options = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}.get(fmt, {})
 
+    # The deepest part of the path that exists must be a folder (else mkdir says only "File exists").
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise ImageError(f"cannot write {path}: {parent} is a file, not a folder")
+    try:
+        _write(path, values, alpha, image.grayscale, bit_depth, fmt, options)
+    except ImageError:
+        raise
+    except OSError as e:  # the folder, the name, the disk: one line naming the file
+        raise ImageError(f"cannot write {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - encoders raise ValueError, SystemError, ... for what they cannot hold
+        raise ImageError(f"cannot write {path} as {fmt}: {type(e).__name__}: {e}") from None
+
+
+def _write(path: Path, values: np.ndarray, alpha: np.ndarray | None, grayscale: bool, bit_depth: int, fmt: str,
+           options: dict) -> None:
     with atomic_file(path) as tmp:
-        if bit_depth == 16 and (not image.grayscale or alpha is not None):
+        if bit_depth == 16 and (not grayscale or alpha is not None):
             # Pillow has no 16-bit colour (nor 16-bit grey + alpha): OpenCV writes those, grey as RGB.
             import cv2
 

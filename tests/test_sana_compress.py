@@ -60,9 +60,9 @@ def test_cli_compresses_reloads_exactly_and_upscales(tiny_pipe, tmp_path, capsys
     tiny_pipe.save_pretrained(model_dir)  # with its (non-trivial) LoRA adapter, merged by the command
     compressed = {}  # the command's own in-memory (fake-quant) pipeline: the reference of the reloaded folder
 
-    def keep_pipeline(pipe, out, *, report):
+    def keep_pipeline(pipe, out, *, report, **options):
         compressed["pipe"] = pipe
-        return save_quantized_pipeline(pipe, out, report=report)
+        return save_quantized_pipeline(pipe, out, report=report, **options)
 
     monkeypatch.setattr(quantized_folder, "save_quantized_pipeline", keep_pipeline)
     code = main([str(model_dir), "-o", str(out_dir), "--method", "spr2q", "--wbits", "3", "--abits", "4",

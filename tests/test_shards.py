@@ -19,6 +19,8 @@ from sana_sr.data import make_loader
 from sana_sr.data.shards import ShardError, ShardOptions, write_shards
 from sana_sr.data.streaming import LoaderConfig
 
+from .image_zoo import CORPUS, CORPUS_MAX_PIXELS, GOOD, write_corpus
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "sana_sr" / "assets" / "photos"
 
@@ -197,3 +199,35 @@ def test_the_script_runs(tree, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"{len(good)} samples in 1 shards" in result.stdout
+
+
+def test_malformed_corpus_every_file_a_sample_or_listed_with_its_reason(tmp_path, monkeypatch, capsys):
+    """Issue 16: the shard writer (2 worker processes) over the malformed corpus: FIFOs, devices and links to them
+    are never opened, every decoder failure is a listed skip, the counts are exact, nothing partial is left; the
+    loader then accounts for every sample (decoded, or skipped and counted)."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_corpus(inputs)
+    code = cli(["shards", str(inputs), "-o", str(out), "--min-size", "1", "--max-pixels", str(CORPUS_MAX_PIXELS),
+                "--max-count", "16", "--workers", "2", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err, captured.err
+    bad = {"empty.png": "empty file", "truncated.jpg": "truncated or corrupt", "truncated.png": "truncated or corrupt",
+           "not_an_image.png": "not an image"} | {n: shards for n, (_, shards) in CORPUS.items() if shards is not None}
+    good = (set(GOOD) | {n for n, (_, shards) in CORPUS.items() if shards is None} | {"huge.png"}) - set(bad)
+    assert len(good) + len(bad) >= 40
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert manifest["num_skipped"] == len(listed) == len(bad), sorted(listed)
+    for name, reason in bad.items():
+        found = [r for path, r in listed.items() if path.endswith("/" + name)]
+        assert len(found) == 1 and reason in found[0], (name, reason, found)
+    assert manifest["num_samples"] == len(good) == sum(json.loads((out / "sizes.json").read_text()).values())
+    assert not [p for p in out.rglob(".*") if ".tmp-" in p.name]
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    loader = make_loader(out, LoaderConfig(num_workers=0, crop_size=1, batch_size=8, mode="exact", shuffle_buffer=0),
+                         degradation=None)
+    batches = list(loader)
+    decoded = sum(len(b["key"]) for b in batches)
+    assert decoded + loader.skipped == len(good) and decoded >= len(good) - 3  # the loader cannot read F/LAB/I

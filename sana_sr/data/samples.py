@@ -3,9 +3,10 @@
 Bad input never stops a worker. Each bad sample is counted once and logged (the first few, then at most one line
 per interval), and the count since the previous batch rides on the next batch as `"skipped"`:
 - a sample whose image is missing, empty (0 bytes), undecodable, or smaller than the crop;
-- a sample without a prompt embedding when embeddings are asked for;
-- a shard that breaks while being read (truncated or corrupt tar): the sample being read is counted and the rest
-  of that shard is lost (its size is unknown, so it is not counted); a shard that cannot be opened counts nothing.
+- a sample without a prompt embedding when embeddings are asked for, or with one of another width (or shape);
+- a shard that breaks while being read (truncated or corrupt tar), or cannot be opened at all: every sample of it
+  that was not delivered is counted when its size is known (sizes.json), else the one being read (or one for the
+  unopenable shard).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ IMAGE_EXTENSIONS = tuple(suffix[1:] for suffix in EXTENSIONS)  # shard member na
 _EXIF_ORIENTATION = 0x0112
 
 
+class DataStreamError(RuntimeError):
+    """A training stream that cannot go on (nothing but bad samples, a stuck worker, an epoch cut short); the
+    message is one line naming the reason and the shards."""
+
+
+def shard_names(urls: Iterable[str]) -> str:
+    shown = sorted(set(urls))
+    return ", ".join(shown[:3]) + (f" (and {len(shown) - 3} more)" if len(shown) > 3 else "")
+
+
 class SkipCounter:
     """Counts bad samples in one worker and rate-limits the warnings about them."""
 
@@ -41,12 +52,15 @@ class SkipCounter:
         self.where = where
         self.pending = 0
         self.total = 0
+        self.last_reason = ""
+        """Why the latest bad sample was bad (for the message when a stream has nothing but bad samples)."""
         self._unlogged = 0
         self._last_log = 0.0
 
-    def bad(self, reason: str, key: str, url: str) -> None:
-        self.pending += 1
-        self.total += 1
+    def bad(self, reason: str, key: str, url: str, count: int = 1) -> None:
+        self.pending += count
+        self.total += count
+        self.last_reason = reason
         now = time.monotonic()
         if self.total <= self.warn_first or now - self._last_log >= self.warn_interval_s:
             more = f" (+{self._unlogged} more since the last message)" if self._unlogged else ""
@@ -62,17 +76,19 @@ class SkipCounter:
         return pending
 
 
-def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
+def read_shard(url: str, counter: SkipCounter, expected: int | None = None) -> Iterator[dict]:
     """Samples of one tar shard (local path, or any URL webdataset's gopen opens, `pipe:` included) as dicts
-    {"__key__", "__url__", ext: bytes}. Consecutive members with the same key form a sample (webdataset's rule)."""
+    {"__key__", "__url__", ext: bytes}. Consecutive members with the same key form a sample (webdataset's rule).
+    `expected`: the shard's sample count when known, so that samples lost to a broken shard are counted exactly."""
     try:
         stream = gopen(url, "rb")
         tar = tarfile.open(fileobj=stream, mode="r|*")
     except Exception as e:  # noqa: BLE001 - any failure to open is reported, the worker goes on
-        log.warning("cannot read shard %s (%s: %s): skipped", url, type(e).__name__, e)
+        counter.bad(f"cannot open the shard ({type(e).__name__}: {e})", "(all of it)", url, count=expected or 1)
         return
     current: dict | None = None  # the sample being assembled
     reading: str | None = None  # the key of the member being read
+    delivered = 0
     try:
         for member in tar:
             if not member.isreg():
@@ -82,6 +98,7 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
                 continue
             if current is not None and current["__key__"] != key:
                 yield current
+                delivered += 1
                 current = None
             reading = key
             data = tar.extractfile(member).read()
@@ -94,12 +111,14 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
         if current is not None:
             yield current
     except Exception as e:  # noqa: BLE001 - a broken shard must not stop training
-        # The sample being read (or assembled, its last member unknown) is lost: count it. What follows in the
-        # shard is lost too, but how much is unknown.
+        # The sample being read (or assembled, its last member unknown) is lost, and so is what follows in the
+        # shard: all of it is counted when the shard's size is known, else the one sample.
         lost = reading if reading is not None else (current["__key__"] if current is not None else None)
         reason = f"shard breaks here, rest of it lost ({type(e).__name__}: {e})"
-        if lost is not None:
-            counter.bad(reason, lost, url)
+        count = max(expected - delivered, 0) if expected is not None else 0
+        count = max(count, 1 if lost is not None else 0)
+        if count:
+            counter.bad(reason, lost or "(the rest)", url, count=count)
         else:
             log.warning("shard %s: %s", url, reason)
     finally:
@@ -119,6 +138,8 @@ class DecodeSettings:
     vflip: bool
     prompt_embeds: bool
     prompt_length: int | None
+    prompt_dim: int | None = None
+    """Embedding width every sample must have (the model's); None: the first good sample's (then fixed)."""
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
@@ -163,27 +184,46 @@ def decode_sample(sample: dict, settings: DecodeSettings, rng: np.random.Generat
     if settings.vflip and rng.uniform() < 0.5:
         crop = crop[::-1]
     out = {
-        "hq": torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))),
+        # A real copy: ascontiguousarray keeps the negative strides of a flipped crop with a side of 1, torch refuses.
+        "hq": torch.from_numpy(crop.transpose(2, 0, 1).copy()),
         "key": key,
         "caption": sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else "",
     }
     if settings.prompt_embeds:
-        embeds = _prompt_embeds(sample, settings.prompt_length)
+        embeds = _prompt_embeds(sample, settings.prompt_length, settings.prompt_dim)
         if isinstance(embeds, str):
             counter.bad(embeds, key, url)
             return None
         out["prompt_embeds"], out["prompt_mask"] = embeds
+        settings.prompt_dim = embeds[0].shape[1]  # one width per stream: a batch of mixed widths cannot stack
     if kernel_config is not None:
         out.update({name: torch.from_numpy(k) for name, k in draw_kernels(rng, kernel_config).items()})
     return out
 
 
-def _prompt_embeds(sample: dict, length: int | None) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """(embeds (L, D), mask (L,)) from the sample's emb.npy [+ mask.npy], padded/cut to `length`; or the reason."""
+def decode_stream(raw: Iterable[dict], settings: DecodeSettings, rng: np.random.Generator, counter: SkipCounter,
+                  kernel_config: KernelDrawConfig | None, max_bad_in_a_row: int | None) -> Iterator[dict]:
+    """`decode_sample` over a stream; DataStreamError after `max_bad_in_a_row` bad samples in a row (None: never)."""
+    bad_urls: list[str] = []  # of the current run of bad samples
+    for sample in raw:
+        decoded = decode_sample(sample, settings, rng, counter, kernel_config)
+        if decoded is not None:
+            bad_urls.clear()
+            yield decoded
+            continue
+        bad_urls.append(sample["__url__"])
+        if max_bad_in_a_row is not None and len(bad_urls) >= max_bad_in_a_row:
+            raise DataStreamError(f"{len(bad_urls)} samples in a row were unusable (LoaderConfig.max_bad_in_a_row), "
+                                  f"the last because: {counter.last_reason}; shards: {shard_names(bad_urls)}")
+
+
+def _prompt_embeds(sample: dict, length: int | None, dim: int | None) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(embeds (L, D) float32, mask (L,)) from the sample's emb.npy [+ mask.npy], padded/cut to `length`, D == `dim`
+    when given; or the reason."""
     if "emb.npy" not in sample:
         return "no prompt embedding (emb.npy member) but LoaderConfig.prompt_embeds is on"
     try:
-        embeds = torch.from_numpy(np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False))
+        embeds = torch.from_numpy(np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)).to(torch.float32)
         if "mask.npy" in sample:
             mask = torch.from_numpy(np.load(io.BytesIO(sample["mask.npy"]), allow_pickle=False)).to(torch.int64)
         else:
@@ -192,6 +232,8 @@ def _prompt_embeds(sample: dict, length: int | None) -> tuple[torch.Tensor, torc
         return f"unreadable prompt embedding ({type(e).__name__}: {e})"
     if embeds.dim() != 2 or mask.shape != embeds.shape[:1]:
         return f"prompt embedding of shape {tuple(embeds.shape)} with mask {tuple(mask.shape)}: want (L, D) and (L,)"
+    if embeds.shape[0] == 0 or (dim is not None and embeds.shape[1] != dim):
+        return f"prompt embedding of shape {tuple(embeds.shape)}: want (L >= 1, {dim or 'D'})"
     if length is not None:
         embeds, mask = _fit_length(embeds, mask, length)
     return embeds, mask

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sana_sr.atomic import atomic_file
+from sana_sr.data.shard_output import MANIFEST_FORMAT, HashingFile, add_member, claim_output
 from sana_sr.data.sources import (
     SourceError,
     SourceImage,
@@ -40,6 +41,7 @@ from sana_sr.data.sources import (
     attach_embeddings,
     discover,
     load_caption_map,
+    read_input,
 )
 from sana_sr.images import FORMATS as IMAGE_FORMATS
 from sana_sr.images import decode_errors
@@ -74,6 +76,10 @@ class ShardOptions:
     """Folder of prompt embeddings laid out as the images (<rel path minus suffix>.npy/.npz); every image needs one."""
     progress: bool = True
     """Show a progress bar."""
+    max_file_bytes: int = 1 << 30
+    """Input files larger than this are skipped unread."""
+    max_pixels: int = 100_000_000
+    """Images with more pixels are skipped undecoded (decompression bombs)."""
 
 
 class ShardError(Exception):
@@ -87,10 +93,9 @@ class _Skip(Exception):
 def _encoded_image(image: SourceImage, options: ShardOptions) -> tuple[str, bytes, dict]:
     """(extension, bytes, meta) of a usable image, or _Skip with the reason."""
     try:
-        with open(image.path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise _Skip(f"unreadable: {e.strerror or e}") from None
+        data = read_input(image.path, options.max_file_bytes)
+    except SourceError as e:
+        raise _Skip(str(e)) from None
     if not data:
         raise _Skip("empty file (0 bytes)")
     with decode_errors(_Skip):
@@ -100,6 +105,8 @@ def _encoded_image(image: SourceImage, options: ShardOptions) -> tuple[str, byte
             width, height = im.size
             if min(width, height) < options.min_size:
                 raise _Skip(f"smaller than the training crop: {width}x{height}, shorter side < {options.min_size}")
+            if width * height > options.max_pixels:
+                raise _Skip(f"too many pixels: {width}x{height} > {options.max_pixels} (--max-pixels)")
             im.load()  # a full decode: truncation and corrupt data show up only here
             fmt = im.format
             if options.reencode:
@@ -136,35 +143,13 @@ def _embedding_members(path: str) -> list[tuple[str, bytes]]:
     return members
 
 
-class _HashingFile:
-    """A write-only file that hashes what passes through (tarfile needs write and tell)."""
-
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata: the same inputs give byte-identical tars (and checksums) on every run.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(name: str, images: list[SourceImage], out: str, options: ShardOptions) -> dict:
     """Write one shard (atomically) and return its record: samples, bytes, sha256, skipped [{path, reason}]."""
     skipped, samples = [], 0
     target = Path(out) / name
     with atomic_file(target) as tmp:
         with open(tmp, "wb") as raw:
-            hashing = _HashingFile(raw)
+            hashing = HashingFile(raw)
             with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for image in images:
                     try:
@@ -177,12 +162,12 @@ def write_shard(name: str, images: list[SourceImage], out: str, options: ShardOp
                     except _Skip as e:
                         skipped.append({"path": image.path, "reason": str(e)})
                         continue
-                    _add(tar, f"{image.key}.{ext}", data)
+                    add_member(tar, f"{image.key}.{ext}", data)
                     if image.caption is not None:
-                        _add(tar, f"{image.key}.txt", image.caption.encode("utf-8"))
-                    _add(tar, f"{image.key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                        add_member(tar, f"{image.key}.txt", image.caption.encode("utf-8"))
+                    add_member(tar, f"{image.key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                     for member, payload in extra:
-                        _add(tar, f"{image.key}.{member}", payload)
+                        add_member(tar, f"{image.key}.{member}", payload)
                     samples += 1
         if samples == 0:
             raise _EmptyShard(skipped)
@@ -222,7 +207,8 @@ def plan_shards(images: list[SourceImage], options: ShardOptions) -> list[tuple[
 
 
 def _signature(files: list[SourceImage], options: ShardOptions) -> str:
-    relevant = {k: v for k, v in asdict(options).items() if k in ("min_size", "reencode", "quality", "embeddings")}
+    relevant = {k: v for k, v in asdict(options).items()
+                if k in ("min_size", "reencode", "quality", "embeddings", "max_file_bytes", "max_pixels")}
     payload = json.dumps([relevant, [asdict(f) for f in files]], sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -245,8 +231,10 @@ def write_shards(inputs: list[str | os.PathLike], out: str | os.PathLike, option
     options = options or ShardOptions()
     if options.reencode is not None and options.reencode not in REENCODE:
         raise ShardError(f"--reencode must be one of {', '.join(REENCODE)}, got {options.reencode!r}")
-    if options.max_count < 1 or options.max_bytes < 1:
-        raise ShardError(f"--max-count ({options.max_count}) and --max-bytes ({options.max_bytes}) must be >= 1")
+    limits = dict(max_count=options.max_count, max_bytes=options.max_bytes, max_file_bytes=options.max_file_bytes,
+                  max_pixels=options.max_pixels)
+    if min(limits.values()) < 1:
+        raise ShardError(", ".join(f"--{k.replace('_', '-')} {v}" for k, v in limits.items()) + ": each must be >= 1")
     out = Path(out)
     try:
         found = discover(inputs)
@@ -257,7 +245,7 @@ def write_shards(inputs: list[str | os.PathLike], out: str | os.PathLike, option
         raise ShardError(str(e)) from None
     if not found.images:
         raise ShardError(f"no image files ({', '.join(sorted(FORMATS.values()))}) under {', '.join(map(str, inputs))}")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, inputs, ShardError)
     for stale in out.glob(f".{options.prefix}-*.tmp-*"):  # left by a killed run (atomic_file cleans up otherwise)
         stale.unlink(missing_ok=True)
     plan = plan_shards(found.images, options)
@@ -307,7 +295,7 @@ def _manifest(inputs, out: Path, options: ShardOptions, plan, records: dict, fou
     skipped = [s for name, _ in plan for s in records[name]["skipped"]]
     reasons = Counter(s["reason"].split(":")[0] for s in skipped)
     manifest = {
-        "format": "sana-sr shards 1",
+        "format": MANIFEST_FORMAT,
         "inputs": [str(Path(p).absolute()) for p in inputs],
         "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "progress")},
         "num_samples": sum(s["samples"] for s in shards),
@@ -361,12 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the sample order")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="parallel shard writers")
     parser.add_argument("--prefix", default=defaults.prefix, help="shard name prefix")
+    parser.add_argument("--max-file-bytes", type=_bytes, default=defaults.max_file_bytes,
+                        help="skip input files larger than this, unread (default 1G)")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help="skip images with more pixels than this, undecoded (default 100000000)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     options = ShardOptions(
         max_count=args.max_count, max_bytes=args.max_bytes, min_size=args.min_size, reencode=args.reencode,
         quality=args.quality, seed=args.seed, workers=args.workers, prefix=args.prefix, captions=args.captions,
-        embeddings=args.embeddings, progress=not args.no_progress,
+        embeddings=args.embeddings, progress=not args.no_progress, max_file_bytes=args.max_file_bytes,
+        max_pixels=args.max_pixels,
     )  # fmt: skip
     try:
         manifest = write_shards(args.inputs, args.out, options)
@@ -375,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         print(f"sana-sr shards: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except cf.BrokenExecutor as e:  # a writer process died (killed, or a decoder crashed it): finished shards stay
+        print(f"sana-sr shards: a shard writer process died ({e}); rerun to resume", file=sys.stderr)
         return 1
     print(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards in {args.out} "
           f"({manifest['num_skipped']} files skipped, listed in manifest.json)")  # fmt: skip

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,34 @@ def discover(inputs: list[str | os.PathLike]) -> Discovery:
             size, mtime = -1, 0
         images.append(SourceImage(str(path.absolute()), rel, key, size, mtime))
     return Discovery(images, ignored)
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_input(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file (a link to one is fine), at most `max_bytes` of them; SourceError saying why not.
+
+    Never opens anything else: a FIFO would block for ever, and opening a device can have effects of its own."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise SourceError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')})")
+        # O_NONBLOCK: if the path was swapped for a FIFO since the stat, the open still returns at once.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError("not a regular file (replaced while being read)")
+            if st.st_size > max_bytes:
+                raise SourceError(f"too large: {st.st_size} bytes > the limit of {max_bytes} (--max-file-bytes)")
+            data = f.read(max_bytes + 1)  # a file growing while read is still bounded
+    except OSError as e:
+        raise SourceError(f"unreadable: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise SourceError(f"too large: more than the limit of {max_bytes} bytes (--max-file-bytes)")
+    return data
 
 
 def load_caption_map(path: str | os.PathLike) -> dict[str, str]:

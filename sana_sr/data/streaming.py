@@ -50,7 +50,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from sana_sr.data.degradation_config import DegradationConfig
-from sana_sr.data.samples import DecodeSettings, SkipCounter, batches, collate, decode_sample, read_shard
+from sana_sr.data.samples import (
+    DataStreamError,
+    DecodeSettings,
+    SkipCounter,
+    batches,
+    collate,
+    decode_stream,
+    read_shard,
+    shard_names,
+)
+from sana_sr.data.workers import ignore_termination
 
 MODES = ("resampled", "exact")
 _DEFAULT: DegradationConfig = DegradationConfig()  # a sentinel: "not given" (None means "no kernels")
@@ -96,6 +106,15 @@ class LoaderConfig:
     """Pin batches in page-locked memory (faster host-to-GPU copies); needs CUDA."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    prompt_dim: int | None = None
+    """Width of the prompt embeddings the model takes; samples with another are skipped and counted (None: the
+    first good sample's width, per worker)."""
+    max_bad_in_a_row: int = 1000
+    """Resampled mode: a worker that meets this many bad samples in a row (e.g. prompt_embeds on shards written
+    without embeddings) stops the run with DataStreamError instead of drawing shards for ever."""
+    timeout_s: float = 600.0
+    """Seconds to wait for a batch from the loader workers (with num_workers > 0) before DataStreamError: a
+    worker stuck on a shard (a hung `pipe:` download) ends the run instead of holding it until the time limit."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,6 +126,9 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.epoch_samples is not None and self.epoch_samples < 1:
             raise ValueError(f"LoaderConfig.epoch_samples must be >= 1, got {self.epoch_samples}")
+        if self.max_bad_in_a_row < 1 or not self.timeout_s >= 0:
+            raise ValueError(f"LoaderConfig.max_bad_in_a_row ({self.max_bad_in_a_row}) must be >= 1 and timeout_s "
+                             f"({self.timeout_s}) >= 0")
 
 
 def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], dict[str, int] | None]:
@@ -180,9 +202,9 @@ class _ShardStream(IterableDataset):
     """One worker's stream of batches (runs inside the loader worker)."""
 
     def __init__(self, urls: list[str], config: LoaderConfig, kernels: DegradationConfig | None, rank: int,
-                 world_size: int):  # fmt: skip
+                 world_size: int, sizes: dict[str, int] | None = None):  # fmt: skip
         super().__init__()
-        self.urls, self.config, self.kernels = urls, config, kernels
+        self.urls, self.config, self.kernels, self.sizes = urls, config, kernels, sizes or {}
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -213,32 +235,27 @@ class _ShardStream(IterableDataset):
         worker, _ = self.worker()
         counter = SkipCounter(c.warn_first, c.warn_interval_s, where=f", rank {self.rank} worker {worker}")
         rng = np.random.default_rng(self.worker_seed("samples"))
-        settings = DecodeSettings(c.crop_size, c.hflip, c.vflip, c.prompt_embeds, c.prompt_length)
+        settings = DecodeSettings(c.crop_size, c.hflip, c.vflip, c.prompt_embeds, c.prompt_length, c.prompt_dim)
         raw = self._samples(counter)
         if c.shuffle_buffer > 1:
             shuffle_rng = random.Random(self.worker_seed("shuffle"))
             raw = _shuffle(raw, c.shuffle_buffer, min(c.shuffle_initial, c.shuffle_buffer), rng=shuffle_rng)
-        decoded = (d for d in (decode_sample(s, settings, rng, counter, self.kernels) for s in raw) if d is not None)
+        # Resampled streams never end by themselves: one of nothing but bad samples must stop, not spin.
+        bound = c.max_bad_in_a_row if c.mode == "resampled" else None
+        decoded = decode_stream(raw, settings, rng, counter, self.kernels, bound)
         yield from batches(decoded, c.batch_size, counter, partial=c.mode == "exact")
 
     def _samples(self, counter: SkipCounter) -> Iterator[dict]:
         barren = 0  # consecutive shards without one sample: all-bad data must fail, not spin for ever
         for url in self.shard_urls():
             got = False
-            for sample in read_shard(url, counter):
+            for sample in read_shard(url, counter, self.sizes.get(url)):
                 got = True
                 yield sample
             barren = 0 if got else barren + 1
             if self.config.mode == "resampled" and barren >= max(50, 3 * len(self.urls)):
-                raise RuntimeError(f"{barren} shards in a row gave no sample (last: {url}): are the shards readable?")
-
-
-def _ignore_termination(worker_id: int) -> None:
-    """Slurm signals every process of a job step: a worker that died of SIGTERM would make the trainer raise
-    before it can checkpoint. The trainer owns shutdown; its workers end with it. Workers start with SIGTERM
-    blocked (StreamingLoader.__iter__), so one arriving before this runs is ignored too, not fatal."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                raise DataStreamError(f"{barren} shards in a row gave no sample (the last because: "
+                                      f"{counter.last_reason or 'empty'}; last shard: {url}): are the shards readable?")
 
 
 class StreamingLoader:
@@ -255,7 +272,7 @@ class StreamingLoader:
         kwargs: dict = {"batch_size": None, "num_workers": c.num_workers}  # pinning is done after the float cast
         if c.num_workers > 0:
             kwargs.update(prefetch_factor=c.prefetch_factor, persistent_workers=False,
-                          worker_init_fn=_ignore_termination)
+                          worker_init_fn=ignore_termination, timeout=c.timeout_s)
         self.loader = wds.WebLoader(dataset, **kwargs)
         if c.mode == "resampled":
             self.loader = self.loader.with_epoch(len(self))
@@ -288,18 +305,35 @@ class StreamingLoader:
         count = 0
         batches = iter(self.loader)
         # Workers are forked by the first fetch; SIGTERM stays blocked until each has ignored it
-        # (_ignore_termination). A signal for this process meanwhile is delivered when the mask is restored.
+        # (ignore_termination). A signal for this process meanwhile is delivered when the mask is restored.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            first = next(batches, None)
+            first = self._next(batches)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        for batch in [] if first is None else itertools.chain([first], batches):
+        for batch in [] if first is None else itertools.chain([first], iter(lambda: self._next(batches), None)):
             yield self._finish(batch)
             count += 1
+        if self.config.mode == "resampled" and count < len(self):  # other ranks would wait on this one for ever
+            raise DataStreamError(f"epoch {self.dataset.epoch} ended after {count} of {len(self)} batches on rank "
+                                  f"{self.dataset.rank}; shards: {shard_names(self.dataset.urls)}")
         if self.config.mode == "exact" and self.sizes is not None:
             for _ in range(count, len(self)):
                 yield self._finish(self._empty_batch())
+
+    def _next(self, batches: Iterator[dict]) -> dict | None:
+        """The next batch, None at the end; a worker's DataStreamError or a timeout as one clean line."""
+        try:
+            return next(batches, None)
+        except DataStreamError as e:  # from a worker, re-raised with its traceback in the message: keep the line
+            last = str(e).strip().splitlines()[-1]
+            raise DataStreamError(last.split("DataStreamError: ", 1)[-1]) from None
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise DataStreamError(f"no batch from the loader workers of rank {self.dataset.rank} in "
+                                  f"{self.config.timeout_s:g} s (LoaderConfig.timeout_s): a worker is stuck reading "
+                                  f"one of {shard_names(self.dataset.urls)}") from None
 
     def _finish(self, batch: dict) -> dict:
         if "hq" not in batch:  # a worker met only bad samples: an empty batch that carries their count
@@ -355,5 +389,8 @@ def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], config:
     if config.mode == "resampled" and config.epoch_samples is None and sizes is None:
         raise ValueError(f"cannot tell how many samples {shards} holds (no sizes.json for every shard): "
                          "set LoaderConfig.epoch_samples")  # fmt: skip
-    dataset = _ShardStream(urls, config, degradation, rank, world_size)
-    return StreamingLoader(dataset, sizes)
+    dataset = _ShardStream(urls, config, degradation, rank, world_size, sizes)
+    loader = StreamingLoader(dataset, sizes)
+    if config.mode == "resampled" and len(loader) == 0:
+        raise ValueError(f"the shards {shards} hold no samples (their sizes.json counts add up to 0)")
+    return loader

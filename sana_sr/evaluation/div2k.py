@@ -68,7 +68,8 @@ def prepare_lq(gt_dir: Path, cache_root: Path, scale: int, seed: int, progress: 
 
     from tqdm import tqdm
 
-    with atomic_directory(target) as tmp:
+    # A stale cache is ours to replace: its manifest says what made it (caches older than the marker file have one).
+    with atomic_directory(target, "sana-sr evaluate --div2k-gt", overwrite=(target / MANIFEST).is_file()) as tmp:
         for path in tqdm(gt_files, desc="DIV2K-Val LQ", unit="img", disable=not progress):
             relative = path.relative_to(gt_dir)
             try:

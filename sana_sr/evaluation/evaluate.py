@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grids", type=int, default=4, help="number of LQ | SR | HQ grids to write")
     parser.add_argument("--no-save-images", dest="save_images", action="store_false",
                         help="do not write sr/ (FID then cannot be computed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace -o even if it was not written by sana-sr evaluate (its sr/ and grids/ are deleted)")
     return parser
 
 

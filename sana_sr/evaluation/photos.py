@@ -72,7 +72,7 @@ def score_photos(pipe: SanaSRPipeline, photos: list[Path], crop: int, seed: int,
 
 def write_center_crops(photos: list[Path], size: int, out: Path) -> None:
     """The centre crops as PNG files, a GT folder for eval/realsr.py --div2k-gt; written atomically."""
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "write_center_crops") as tmp:
         for path in photos:
             _save(tmp / f"{path.stem}.png", center_crop(path, size)[0].permute(1, 2, 0).numpy())
 
@@ -91,7 +91,7 @@ def score_variants(variants: dict[str, Path], out: Path, seed: int, train: list[
     from sana_sr.model.loading import load_pipeline
 
     scores: dict[str, dict] = {}
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "score_variants") as tmp:
         for index, (name, folder) in enumerate(variants.items()):
             pipe = load_pipeline(folder)
             pipe.set_progress_bar_config(disable=True)

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sana_sr.atomic import atomic_directory, atomic_file
+from sana_sr.atomic import atomic_directory, atomic_file, check_output, mark
 from sana_sr.distributed import DistConfig, build_accelerator
 from sana_sr.dtypes import DTYPES
 from sana_sr.evaluation import results
 from sana_sr.evaluation.datasets import Dataset, DatasetError, find_layout, lr_only_dataset, paired_dataset
 from sana_sr.evaluation.metrics import MetricSuite, parse_metrics, to_8bit_levels
 from sana_sr.images import ImageError, load_image
+
+OWNER = "sana-sr evaluate"
 
 
 @dataclass
@@ -73,6 +75,9 @@ class EvalConfig:
     """Write every SR image to sr/ (FID needs them)."""
     max_images: int | None = None
     """Evaluate only the first N images in name order (smoke runs)."""
+    overwrite: bool = False
+    """Replace `output` even when another command (or the user) wrote it; by default only an evaluation's own
+    output folder is reused."""
 
     def __post_init__(self) -> None:
         sources = [s for s, v in (("root", self.root), ("hr", self.hr), ("div2k_gt", self.div2k_gt)) if v is not None]
@@ -176,6 +181,9 @@ def run(config: EvalConfig) -> int:
     from sana_sr.model.loading import load_pipeline
 
     started = time.time()
+    out = Path(config.output)
+    check_output(out, OWNER, overwrite=config.overwrite,
+                 inputs=[config.model, config.root, config.hr, config.lr, config.div2k_gt])
     # The data are checked before the process group and the (possibly slow) model load whenever the scale is
     # known without the model; DIV2K-Val needs the processes, as only the main one generates its LQ.
     scale = config.scale or _saved_upscale(config.model)
@@ -205,11 +213,16 @@ def run(config: EvalConfig) -> int:
     from accelerate.utils import gather_object
 
     rows: list[dict] = []
-    out = Path(config.output)
+    if main:  # claimed only now: every process has checked the folder before the process group existed
+        out.mkdir(parents=True, exist_ok=True)
+        mark(out, OWNER)
     with ExitStack() as stack:
         # SR images and grids appear as whole folders at the end, never as a partial set.
-        sr_dir = stack.enter_context(atomic_directory(out / "sr")) if main and config.save_images else None
-        grid_dir = stack.enter_context(atomic_directory(out / "grids")) if main and config.grids else None
+        def folder(name: str, wanted: bool) -> Path | None:
+            return stack.enter_context(atomic_directory(out / name, OWNER, overwrite=config.overwrite)) \
+                if main and wanted else None
+
+        sr_dir, grid_dir = folder("sr", config.save_images), folder("grids", bool(config.grids))
         progress = tqdm(total=len(samples), desc=f"eval {dataset.name}", unit="img", disable=not main)
         with torch.no_grad():
             for step in range(math.ceil(len(samples) / world)):

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from sana_sr.atomic import atomic_file
+from sana_sr.atomic import OutputError, atomic_file, claim_folder, remove_owned
 from sana_sr.main_job.stages import STAGES, Run
 from sana_sr.run_folder import RunFolder
+
+OWNER = "sana-sr quickstart"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=100, help="steps of the pruned model's fine-tune")
     parser.add_argument("--compress-steps", type=int, default=60, help="quantization fine-tune steps per method")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the run folder first (only one that sana-sr quickstart wrote)")
     parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra training config override for both trainings (repeatable)")
     args = parser.parse_args(argv)
-    if args.fresh and args.out.exists():
-        shutil.rmtree(args.out)
+    try:  # the run folder is ours or new: --fresh deletes only a folder that the quickstart wrote
+        if args.fresh:
+            remove_owned(args.out, OWNER)
+        claim_folder(args.out, OWNER, hint="choose another --out (a new or empty folder, or an earlier quickstart's)")
+    except (OutputError, OSError) as e:
+        print(f"sana-sr quickstart: {e}", file=sys.stderr)
+        return 2
     run = Run(RunFolder(args.out.resolve()), args.processes, args.steps, args.finetune_steps, args.compress_steps,
               args.seed, tuple(args.train_override))
-    run.folder.root.mkdir(parents=True, exist_ok=True)
     timings_file = run.folder.timings
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     for name, (stage, done) in STAGES.items():

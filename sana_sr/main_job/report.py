@@ -121,7 +121,7 @@ def write_report(run: RunFolder, out: Path) -> None:
     replicas = json.loads((run.train / "replicas.json").read_text())
     timings = json.loads(run.timings.read_text())
     runs = {"LoRA training": run.train, "pruned fine-tune (distilled)": run.prune_finetune}
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "sana-sr quickstart") as tmp:
         loss_curves(runs, tmp / "loss.png")
         quality_vs_size(scores, tmp / "quality_vs_size.png")
         lines = [

@@ -75,7 +75,7 @@ def cli(args: list[str]) -> list[str]:
 
 
 def stage_shards(run: Run) -> None:
-    with atomic_directory(run.folder.photos) as tmp:
+    with atomic_directory(run.folder.photos, "sana-sr quickstart") as tmp:
         for photo in bundled.train_photos():
             shutil.copy(photo, tmp / photo.name)
     # One photo per shard: each of the ranks x workers readers needs a shard of its own.

@@ -272,12 +272,15 @@ class SanaSRPipeline(DiffusionPipeline):
         self.register_modules(text_encoder=None, tokenizer=None)
 
     def save_pretrained(self, save_directory: str | os.PathLike, transformer_state: dict | None = None,
-                        **kwargs) -> None:
+                        overwrite: bool = False, **kwargs) -> None:
         """Write the pipeline folder atomically: model_index.json, a folder per component, `lora/` if any.
+
+        An existing folder is replaced only if empty or written by this method before (its marker file says so),
+        or with `overwrite`; else `sana_sr.atomic.OutputError`.
 
         `transformer_state`: the transformer's state dict to write instead of its own tensors (a trainer's export:
         weights gathered from ZeRO-3 partitions, fp32 masters or the EMA of a bf16 module)."""
-        with atomic_directory(save_directory) as tmp:
+        with atomic_directory(save_directory, "SanaSRPipeline.save_pretrained", overwrite=overwrite) as tmp:
             self.write_folder(tmp, transformer_state)
 
     def write_folder(self, directory: Path, transformer_state: dict | None = None) -> None:

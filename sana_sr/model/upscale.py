@@ -1,7 +1,9 @@
 """`sana-sr upscale INPUT... -o OUT_DIR`: restore image files and folders.
 
-One bad input never stops the others: each failure is one line on stderr naming the file, the exit code is 1
-when any failed, outputs are written atomically, and an output path never equals an input path.
+One bad input never stops the others: each failure (unreadable, corrupt, too large, an output the format cannot
+hold, a name the filesystem refuses, a failed write) is one line on stderr naming the file, the exit code is 1 when
+any failed, outputs are written atomically, and an output path never equals an input path. A file already in
+OUT_DIR is replaced only when OUT_DIR is an upscale output folder (its marker file says so) or with --overwrite.
 """
 
 from __future__ import annotations
@@ -14,11 +16,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sana_sr.atomic import MARKER, mark, written_by
 from sana_sr.dtypes import DTYPES
-from sana_sr.images import EXTENSIONS, FORMATS, ImageError, LoadedImage, find_images, load_image, save_image
+from sana_sr.images import (
+    EXTENSIONS,
+    FORMATS,
+    ImageError,
+    LoadedImage,
+    check_output_size,
+    find_images,
+    load_image,
+    printable,
+    save_image,
+)
 from sana_sr.model.tiling import TileSettings
 
 DEFAULT_MAX_PIXELS = 16_000_000
+OWNER = "sana-sr upscale"
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -39,7 +53,35 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help=f"refuse inputs with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT precision")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files already in OUT_DIR even if it is not an upscale output folder")
     return parser
+
+
+def check_arguments(args: argparse.Namespace) -> TileSettings | None:
+    """The tiling, or ValueError naming the bad option (argparse checks only types and choices)."""
+    if args.scale is not None and args.scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    for name in ("tile", "tile_overlap", "ae_tile", "ae_tile_overlap"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.ae_tile < 1:
+        raise ValueError(f"--ae-tile must be >= 1, got {args.ae_tile}")
+    return None if args.tile == 0 else TileSettings(args.tile, args.tile_overlap, args.ae_tile, args.ae_tile_overlap)
+
+
+def claim_output(out_dir: Path) -> bool:
+    """Create OUT_DIR if needed; True when it is ours (new, empty, or marked by an earlier upscale): files there
+    may be replaced. A folder of the user's gets new files but keeps every file it had."""
+    if out_dir.is_dir() and written_by(out_dir) == OWNER:
+        return True
+    if out_dir.is_dir() and any(p.name != MARKER for p in out_dir.iterdir()):
+        return False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mark(out_dir, OWNER)
+    return True
 
 
 def output_path(out_dir: Path, relative: Path, fmt: str) -> Path:
@@ -70,7 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     from sana_sr.model.loading import load_pipeline
 
     try:
-        tiling = None if args.tile == 0 else TileSettings(args.tile, args.tile_overlap, args.ae_tile, args.ae_tile_overlap)
+        tiling = check_arguments(args)
+        ours = claim_output(args.output)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(printable(f"error: cannot write into {args.output}: {e.strerror or e}"), file=sys.stderr)
+        return 2
+    try:
         pipe = load_pipeline(args.model)
     except (OSError, ValueError) as e:
         print(f"error: cannot load model {args.model!r}: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -92,11 +142,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise ImageError(f"output {out} would overwrite an input")
             if out.resolve() in claimed:
                 raise ImageError(f"output {out} is also the output of an earlier input")
+            if (out.exists() or out.is_symlink()) and not (ours or args.overwrite):
+                raise ImageError(f"output {out} exists and {args.output} is not an upscale output folder: pass "
+                                 "--overwrite to replace it")
             image = load_image(path, max_pixels=args.max_pixels)
+            height, width = image.rgb.shape[:2]
+            check_output_size(out, width * scale, height * scale)  # before the model runs, not after
             save_image(out, restore_image(pipe, image, scale, args.prompt, tiling, args.color_fix))
             claimed.add(out.resolve())
         except (ImageError, torch.OutOfMemoryError) as e:
             failures += 1
-            tqdm.write(f"error: {path}: {e}", file=sys.stderr)
-    print(f"{len(jobs) - failures} of {len(jobs)} images written to {args.output}")
+            tqdm.write(printable(f"error: {path}: {e}"), file=sys.stderr)
+        except OSError as e:  # checking the output path itself failed (a name too long, a link loop)
+            failures += 1
+            where = f": {e.filename}" if e.filename else ""
+            tqdm.write(printable(f"error: {path}: cannot write the output: {e.strerror or e}{where}"), file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one input must never stop the others; the line says what it was
+            failures += 1
+            tqdm.write(printable(f"error: {path}: {type(e).__name__}: {e}"), file=sys.stderr)
+    print(printable(f"{len(jobs) - failures} of {len(jobs)} images written to {args.output}"))
     return 1 if failures else 0

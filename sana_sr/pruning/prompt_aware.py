@@ -172,9 +172,11 @@ def prune_pipeline(pipe: SanaSRPipeline, settings: PruneSettings, batches: Seque
     }
 
 
-def save_shapes_only(pipe: SanaSRPipeline, folder: str | Path, report_text: str | None = None) -> None:
-    """Write the configs of a meta-device pipeline (no weights): enough for `sana-sr cost --model FOLDER`."""
-    with atomic_directory(folder) as tmp:
+def save_shapes_only(pipe: SanaSRPipeline, folder: str | Path, report_text: str | None = None, *,
+                     owner: str = "save_shapes_only", overwrite: bool = False) -> None:
+    """Write the configs of a meta-device pipeline (no weights): enough for `sana-sr cost --model FOLDER`.
+    `owner` and `overwrite` as in `sana_sr.atomic.atomic_directory`."""
+    with atomic_directory(folder, owner, overwrite=overwrite) as tmp:
         pipe.save_config(tmp)
         pipe.vae.save_config(tmp / "vae")
         pipe.transformer.save_config(tmp / "transformer")

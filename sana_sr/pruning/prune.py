@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from sana_sr.atomic import atomic_directory
+from sana_sr.atomic import atomic_directory, check_output
+
+OWNER = "sana-sr prune"
 
 _SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
 
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-keep", type=float, default=0.1, help="greedy: fraction of each layer kept at least")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it was not written by sana-sr prune (it is deleted)")
     return p
 
 
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from sana_sr.pruning.prompt_aware import PruneSettings, prune_pipeline, save_shapes_only
 
     try:
+        check_output(args.out, OWNER, overwrite=args.overwrite, inputs=[args.model, args.text_encoder, *(args.calib or [])])
         target = parse_target(args.target_params or args.target_macs)
         pipe = _load(args.model, args.weights, args.device)
         meta = pipe.transformer.device.type == "meta"
@@ -123,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     report["command"] = " ".join(["sana-sr", "prune", *argv])
     text = json.dumps(report, indent=2) + "\n"
     if meta:
-        save_shapes_only(pipe, args.out, text)
+        save_shapes_only(pipe, args.out, text, owner=OWNER, overwrite=args.overwrite)
     else:
-        with atomic_directory(args.out) as tmp:
+        with atomic_directory(args.out, OWNER, overwrite=args.overwrite) as tmp:
             pipe.save_pretrained(tmp)
             (tmp / "pruning.json").write_text(text)
     b, a = report["before"], report["after"]

@@ -20,11 +20,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from sana_sr.atomic import atomic_directory, folder_bytes
+from sana_sr.atomic import MARKER, OutputError, atomic_directory, check_apart, check_output, folder_bytes
 from sana_sr.run_folder import RunFolder
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 REQUIRED_METADATA = {"library_name": "diffusers", "pipeline_tag": "image-to-image"}
+OWNER = "sana-sr publish"
 
 
 class PublishError(RuntimeError):
@@ -148,14 +149,23 @@ def _copy_variant(name: str, source: Path, dest: Path) -> None:
 
 
 def build_folder(run: Path, repo_id: str, variant: str, out: Path, license_id: str = "apache-2.0",
-                 datasets: list[str] = ()) -> Path:
-    """Write the hub-ready folder to `out` atomically and return it."""
+                 datasets: list[str] = (), overwrite: bool = False) -> Path:
+    """Write the hub-ready folder to `out` atomically and return it. `out` may lie inside the run (the default
+    does) but must not be the run, hold it, or overlap a folder it copies; an existing `out` is replaced only if
+    publish wrote it (or with `overwrite`)."""
     variants = find_variants(run)
     if variant not in variants:
         raise PublishError(f"variant {variant!r} not in run {run} (found: {', '.join(variants) or 'none'})")
+    try:
+        if Path(out).resolve() in (Path(run).resolve(), *Path(run).resolve().parents):
+            raise OutputError(f"output {out} is or holds the run folder {run}: choose a folder apart from it")
+        check_apart(out, variants.values())
+        check_output(out, OWNER, overwrite=overwrite)
+    except OutputError as e:
+        raise PublishError(str(e)) from None
     card = model_card(run, repo_id, variant, variants, license_id, list(datasets))
     validate_card(str(card))
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, OWNER, overwrite=overwrite) as tmp:
         _copy_variant(variant, variants[variant], tmp)
         for name, folder in variants.items():
             if name not in (variant, "merged", "lora", "pruned"):
@@ -177,7 +187,8 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
 
         ModelCard((folder / "README.md").read_text()).validate()  # the hub's own check, before any write
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload SANA-SR (sana-sr publish)")
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload SANA-SR (sana-sr publish)",
+                                 ignore_patterns=[MARKER, f"**/{MARKER}"])  # sana-sr's bookkeeping, not the model's
     except Exception as e:  # connection, auth, validation: one line, the token never in it
         message = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")
         raise PublishError(
@@ -197,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", default=[], help="hub id of a training dataset (repeatable)")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="build and list the files, upload nothing (no token)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it was not written by sana-sr publish (it is deleted)")
     return p
 
 
@@ -206,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         if not REPO_ID.match(args.repo_id):
             raise PublishError(f"--repo-id {args.repo_id!r} is not ORG/NAME")
         out = build_folder(args.run, args.repo_id, args.variant, args.out or RunFolder(args.run).publish(args.variant),
-                           args.license, args.dataset)
-        files = sorted(p for p in out.rglob("*") if p.is_file())
+                           args.license, args.dataset, overwrite=args.overwrite)
+        files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER)  # what would be uploaded
         for path in files:
             print(f"{path.stat().st_size:>12,d}  {path.relative_to(out)}")
         print(f"{sum(p.stat().st_size for p in files):>12,d}  total, {len(files)} files in {out}")

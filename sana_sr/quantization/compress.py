@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 
 from compress import METHODS, QuantizeConfig, fp16_reference_bytes, quantize
 from compress.methods import snap_floats
-from sana_sr.atomic import atomic_file
+from sana_sr.atomic import atomic_file, check_apart, check_output, claim_folder, remove_owned, written_by
 from sana_sr.data.calibration_pairs import CalibrationBatch, calibration_batches
 from sana_sr.model.presets import PRESETS
 from sana_sr.quantization.components import as_quantized
@@ -65,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50, help="fine-tune checkpoint interval in steps")
     p.add_argument("--log-every", type=int, default=10, help="fine-tune loss logging interval in steps")
     p.add_argument("--keep-work-dir", action="store_true", help="keep the work folder after the export")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR even if it was not written by sana-sr compress (it is deleted)")
     return p
+
+
+OWNER = "sana-sr compress"
+WORK_OWNER = "sana-sr compress --work-dir"  # not OWNER: a work folder is deleted after the export, an output never
 
 
 # -- calibration data ------------------------------------------------------------------------------------------------
@@ -103,18 +108,25 @@ def compress_pipeline(pipe, config: QuantizeConfig, batches: list[dict], *, fold
 
 
 def claim_work_dir(work_dir: Path, identity: dict, create: bool) -> None:
-    """Check that a work folder already there belongs to this run (resume); else create it (`create`: rank 0)."""
+    """Check that a work folder already there belongs to this run (resume); else create it (`create`: rank 0).
+
+    A folder that the user or another command filled is refused: it is deleted after the export."""
     marker = work_dir / "run.json"
-    if marker.is_file():
-        found = json.loads(marker.read_text())
+    try:
+        found = json.loads(marker.read_text()) if marker.is_file() else None
+    except ValueError:
+        found = None
+    # Ours: marked so, or (a work folder from before the marker) a run.json with exactly our keys.
+    if isinstance(found, dict) and (written_by(work_dir) == WORK_OWNER or found.keys() == identity.keys()):
         if found != identity:
             changed = sorted(k for k in identity.keys() | found.keys() if identity.get(k) != found.get(k))
             raise ValueError(f"work folder {work_dir} holds a run with other settings ({', '.join(changed)}): "
                              "delete it or pass another --work-dir")
         return
+    check_output(work_dir, WORK_OWNER)
     if not create:
         return
-    work_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(work_dir, WORK_OWNER)
     with atomic_file(marker) as tmp:
         tmp.write_text(json.dumps(identity, indent=1) + "\n")
 
@@ -165,6 +177,12 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = QuantLoopSettings(work_dir, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                                  seed=args.seed)
     try:
+        inputs = [args.model, *(args.calib or [])]
+        check_output(args.output, OWNER, overwrite=args.overwrite, inputs=inputs)
+        check_apart(work_dir, [*inputs, args.output])
+        identity = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    if k not in ("work_dir", "checkpoint_every", "log_every", "keep_work_dir", "overwrite")}
+        claim_work_dir(work_dir, identity, create=False)  # refused now, not after loading and calibrating
         config = QuantizeConfig(method=args.method, wbits=args.wbits, abits=args.abits or None,
                                 act_granularity=args.act_granularity, float_dtype=args.float_dtype,
                                 seed=args.seed, trainer=partial(finetune_on_loop, settings=settings), **overrides)
@@ -174,8 +192,6 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
             pipe.drop_text_encoder()  # the stored default prompt conditions calibration and the compressed pipeline
         pairs = calibration_batches(args.calib, args.calib_count, args.batch_size, args.calib_size,
                                     pipe.config.upscale, args.seed)
-        identity = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("work_dir", "checkpoint_every", "log_every", "keep_work_dir")}
         claim_work_dir(work_dir, identity, create=main_process)
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -209,12 +225,12 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
         plan=[dataclasses.asdict(d) for d in result.decisions],
         versions=dict(python=platform.python_version(), torch=torch.__version__),
     )
-    export = save_quantized_pipeline(pipe, args.output, report=report)
+    export = save_quantized_pipeline(pipe, args.output, report=report, overwrite=args.overwrite)
     size = export["bytes"]
     print(f"{args.method} W{args.wbits}A{args.abits or 'fp'}: quantized DiT+decoder {size / 1024:.1f} KiB on disk, "
           f"{reference['fp16_bytes'] / size:.2f}x smaller than fp16 ({reference['fp16_bytes'] / 1024:.1f} KiB; "
           f"{reference['fp16_folded_bytes'] / size:.2f}x vs fp16 with the same timestep folding), "
           f"{export['summary']['bits_per_weight']:.2f} bits/weight (paper formula) -> {args.output}")
     if not args.keep_work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        remove_owned(work_dir, WORK_OWNER)
     return 0

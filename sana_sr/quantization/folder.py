@@ -28,8 +28,10 @@ REPORT_FILE = "compression.json"
 QUANTIZED_COMPONENTS = ("transformer", "vae")
 
 
-def save_quantized_pipeline(pipe: SanaSRPipeline, out_dir: str | os.PathLike, *, report: dict) -> dict:
-    """Write `pipe` (its DiT and DC-AE made quantized classes by `compress_pipeline`) and `report` atomically.
+def save_quantized_pipeline(pipe: SanaSRPipeline, out_dir: str | os.PathLike, *, report: dict,
+                            overwrite: bool = False) -> dict:
+    """Write `pipe` (its DiT and DC-AE made quantized classes by `compress_pipeline`) and `report` atomically
+    (an existing `out_dir` only if `sana-sr compress` wrote it, or with `overwrite`).
 
     Returns the report's `export` entry: bytes on disk of the packed exports (layout.json + weights.safetensors of
     each quantized component; the full-precision encoder is not part of it), per component, and their summary."""
@@ -37,7 +39,7 @@ def save_quantized_pipeline(pipe: SanaSRPipeline, out_dir: str | os.PathLike, *,
         if not isinstance(getattr(pipe, name), QuantizedComponent):
             raise TypeError(f"pipe.{name} is a {type(getattr(pipe, name)).__name__}, not a quantized component: "
                             "compress it with compress_pipeline first")
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "sana-sr compress", overwrite=overwrite) as tmp:
         pipe.write_folder(tmp)
         sizes = {name: export_size(tmp / name) for name in QUANTIZED_COMPONENTS}
         summaries = [read_layout(tmp / name)["summary"] for name in QUANTIZED_COMPONENTS]

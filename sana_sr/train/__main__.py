@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from sana_sr.data.samples import DataStreamError
     from sana_sr.train.trainer import Trainer
 
     try:
@@ -38,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
             return 2
-        return trainer.train()
+        try:
+            return trainer.train()
+        except DataStreamError as e:  # all-bad data, a stuck loader worker: one line per rank that met it
+            import os
+
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            print(f"error: {'rank ' + os.environ['RANK'] + ': ' if world > 1 else ''}{e}", file=sys.stderr)
+            return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -81,6 +81,11 @@ class DataConfig:
     """Tokens the stored embeddings are padded or cut to (needed with the degradation's pair queue)."""
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     """Real-ESRGAN second-order degradation (x4plus values by default)."""
+    max_bad_in_a_row: int = 1000
+    """A loader worker that meets this many unusable samples in a row stops the run with one line naming the reason
+    and the shards (all-bad data, e.g. prompt_embeds on shards without embeddings, would otherwise loop for ever)."""
+    timeout_s: float = 600.0
+    """Seconds to wait for a batch from the loader workers before the run stops (a worker stuck on a shard)."""
 
 
 @dataclass

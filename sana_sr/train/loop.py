@@ -71,6 +71,7 @@ class TrainLoop:
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skipped_samples": 0,
                       "nonfinite_steps": 0}
         self.data_digest, self.samples_local = hashlib.sha256().hexdigest(), 0
+        self.skipped_local = 0  # this rank's bad samples: per rank in the checkpoint (state[...] holds the sum)
         self.metrics = MetricsLog(self.accelerator, self.output_dir)
         self.stop = StopRequest()
         self.ema = None
@@ -136,6 +137,9 @@ class TrainLoop:
         if path is not None:
             self.state, rank_state = load_checkpoint(acc, path)
             self.data_digest, self.samples_local = rank_state["data_digest"], rank_state["samples"]
+            # A checkpoint from before per-rank counts has rank 0's only: better short on other ranks than repeated.
+            old = self.state["skipped_samples"] if acc.is_main_process else 0
+            self.skipped_local = rank_state.get("skipped_samples", old)
             self.load_rank_state(rank_state)
             if self.ema is not None:
                 self.ema.load_state_dict(rank_state["ema"])
@@ -201,7 +205,7 @@ class TrainLoop:
                 fetch_start = time.perf_counter()
                 batch = next(batches)  # fetched only when a step remains: the data position saved is exact
                 window.data_wait += time.perf_counter() - fetch_start
-                self.state["skipped_samples"] += int(batch.get("skipped", 0))
+                self.skipped_local += int(batch.get("skipped", 0))
                 # A chained digest of the sample keys this rank consumed: resumable, and different per rank.
                 digest = hashlib.sha256(bytes.fromhex(self.data_digest) + "\n".join(batch["key"]).encode())
                 self.data_digest = digest.hexdigest()
@@ -257,7 +261,7 @@ class TrainLoop:
         local = torch.tensor([*window.means(), window.data_wait], device=acc.device)
         rows = acc.gather(local.view(1, -1)).view(acc.num_processes, -1)
         waits = rows[:, -1].tolist()
-        skipped = acc.reduce(torch.tensor([float(self.state["skipped_samples"])], device=acc.device), "sum").item()
+        skipped = self.skipped_total()
         seconds = time.perf_counter() - window.start
         samples = window.micro_steps * self.optim.micro_batch_size * acc.num_processes
         metrics = {f"loss/{k}": v for k, v in zip(names, rows[:, :-1].mean(0).tolist())}
@@ -275,6 +279,11 @@ class TrainLoop:
             metrics["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self.metrics.log(metrics, self.state["step"])
         self.print(f"step {self.state['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def skipped_total(self) -> int:
+        """Bad samples met by all ranks (collective)."""
+        count = torch.tensor([float(self.skipped_local)], device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, "sum").item())
 
     def request_requeue(self) -> None:
         """Leave the marker the Slurm script turns into `scontrol requeue` (exit codes do not survive launchers)."""
@@ -311,7 +320,9 @@ class TrainLoop:
         if self.accelerator.is_main_process:
             with atomic_file(self.output_dir / "replicas.json") as tmp:
                 tmp.write_text(json.dumps({"step": self.state["step"], "ranks": reports}, indent=2) + "\n")
-        rank_state = {"data_digest": self.data_digest, "samples": self.samples_local} | self.rank_state()
+        self.state["skipped_samples"] = self.skipped_total()
+        rank_state = {"data_digest": self.data_digest, "samples": self.samples_local,
+                      "skipped_samples": self.skipped_local} | self.rank_state()
         if self.ema is not None:  # each rank's own shadows: they are partitioned as the masters are
             rank_state["ema"] = self.ema.state_dict()
         lora = self.trained_state() if has_lora(self.module) else None  # collective: every rank gathers

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sana_sr.atomic import atomic_directory
+from sana_sr.atomic import atomic_directory, check_apart, check_output, claim_folder, remove_owned
 from sana_sr.bundled import TINY_BASE, held_back_photos, train_photos
 from sana_sr.distributed import DistConfig
 from sana_sr.train.config import CheckpointConfig, LogConfig, OptimConfig
@@ -202,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=None,
                    help="checkpoints (default OUT.work; a rerun resumes; removed once OUT is written)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it was not written by sana-sr pretrain-tiny (it is deleted)")
     return p
+
+
+OWNER = "sana-sr pretrain-tiny"
+WORK_OWNER = "sana-sr pretrain-tiny --work-dir"  # not OWNER: the work folder is deleted at the end, --out never
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     work = args.work_dir or args.out.with_name(args.out.name + ".work")
+    try:  # before any work: nothing the user owns is replaced, and the work folder (deleted at the end) is ours
+        check_output(args.out, OWNER, overwrite=args.overwrite, inputs=args.photos or [])
+        check_apart(work, [*(args.photos or []), args.out])
+        check_output(work, WORK_OWNER)
+        if os.environ.get("RANK", "0") == "0":
+            claim_folder(work, WORK_OWNER)
+    except ValueError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sana-sr pretrain-tiny: error: {e}", file=sys.stderr)
+        return 2
     paths = [p for p, _ in find_images(args.photos)] if args.photos else train_photos()
     loaded = load_photos(paths, args.crop)
     crops = PhotoCrops([photo for _, photo in loaded], args.crop, args.seed)
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "final loss": {name: {k: v for k, v in read_metrics(work / name)[-1].items() if k.startswith("loss/")}
                            for name in ("dc-ae", "dit")},
         }
-        with atomic_directory(args.out) as tmp:
+        with atomic_directory(args.out, OWNER, overwrite=args.overwrite) as tmp:
             pipe.vae.save_pretrained(tmp / "dc-ae")
             pipe.transformer.save_pretrained(tmp / "sana" / "transformer")
             pipe.text_encoder.save_pretrained(tmp / "sana" / "text_encoder")
@@ -243,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("dc-ae", "dit"):
                 shutil.copy(work / name / "metrics.jsonl", tmp / f"metrics-{name}.jsonl")
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(work, ignore_errors=True)
+        remove_owned(work, WORK_OWNER)
         print(json.dumps(report["dc-ae reconstruction PSNR"]), f"\nwrote {args.out}", flush=True)
     accelerator.end_training()
     return 0

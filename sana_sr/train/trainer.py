@@ -85,7 +85,8 @@ class Trainer(TrainLoop):
             batch_size=cfg.optim.micro_batch_size, mode="resampled", num_workers=d.workers, crop_size=d.crop,
             shuffle_buffer=d.shuffle_buffer, shuffle_initial=min(100, d.shuffle_buffer), epoch_samples=d.epoch_samples,
             seed=d.seed, prompt_embeds=d.prompt_embeds, prompt_length=d.prompt_length,
-            pin_memory=acc.device.type == "cuda",
+            pin_memory=acc.device.type == "cuda", max_bad_in_a_row=d.max_bad_in_a_row, timeout_s=d.timeout_s,
+            prompt_dim=self.transformer.config.caption_channels,
         )
         self.loader = make_loader(d.shards, loader_config, degradation=d.degradation, rank=acc.process_index,
                                   world_size=acc.num_processes)
@@ -122,14 +123,19 @@ class Trainer(TrainLoop):
     def batches(self):
         """Batches from the current data position on; epochs are re-seeded, so a resumed run replays the same
         stream: the batches consumed before the checkpoint are fetched and dropped (no model work)."""
+        from sana_sr.data.samples import DataStreamError
+
         while True:
             self.loader_epoch(self.state["epoch"])
-            skip = self.state["batch_in_epoch"]
+            skip, fetched = self.state["batch_in_epoch"], 0
             for index, batch in enumerate(self.loader):
+                fetched += 1
                 if index < skip:
                     continue
                 self.state["batch_in_epoch"] = index + 1
                 yield batch
+            if fetched == 0:  # the next epoch would be empty too: looping over them would hang the run
+                raise DataStreamError(f"epoch {self.state['epoch']} gave no batch from {self.config.data.shards}")
             self.state["epoch"] += 1
             self.state["batch_in_epoch"] = 0
 
