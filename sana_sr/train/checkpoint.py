@@ -1,4 +1,4 @@
-"""Atomic, resumable training checkpoints that survive SIGKILL.
+"""Atomic, resumable training checkpoints that survive SIGKILL and never run code when loaded.
 
 `output_dir/checkpoint-00000500/` holds, once complete:
 - Accelerate's state: optimizer, LR scheduler, the RNG states of every rank, and the trainable (LoRA)
@@ -14,7 +14,8 @@ adds the manifest and renames the folder into place. Folders on their way out ar
 removed at the next start or save.
 
 Resuming: `latest` takes the newest checkpoint whose files match its manifest; a damaged newest one is skipped with
-a one-line warning. Rank 0 decides and broadcasts the choice, or the one-line refusal, to every rank.
+a one-line warning. Rank 0 decides (and checks that no pickled file names a foreign global) and broadcasts the
+choice, or the one-line refusal, to every rank.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from sana_sr.model.lora import has_lora, save_lora
 from sana_sr.train.checkpoint_files import (
     CheckpointError,
+    check_unpickling,
     damage,
     fsync_path,
     fsync_tree,
+    weights_only_loading,
     write_durably,
     write_manifest,
 )
@@ -89,6 +92,7 @@ def _choose(output_dir: Path, resume: str) -> str:
         for folder in reversed(complete_checkpoints(output_dir)):
             reason = damage(folder)
             if reason is None:
+                check_unpickling(folder)
                 return str(folder)
             print(f"warning: skipping checkpoint {folder}: {reason}; trying the one before", file=sys.stderr,
                   flush=True)
@@ -99,6 +103,7 @@ def _choose(output_dir: Path, resume: str) -> str:
     reason = damage(path)
     if reason is not None:
         raise CheckpointError(f"checkpoint.resume={resume} is not a complete checkpoint: {reason}")
+    check_unpickling(path)
     return str(path)
 
 
@@ -181,15 +186,22 @@ def _write_latest(output_dir: Path, name: str) -> None:
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore Accelerate's state from `path` (checked by `resolve_resume`); returns (trainer_state, this rank's
-    state)."""
+    state). Every pickled file is read by torch's weights-only unpickler, DeepSpeed's too."""
     kwargs = (
         {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
     )
-    accelerator.load_state(str(path), **kwargs)
     rank_file = path / f"rank{accelerator.process_index}.pt"
     if not rank_file.is_file():
         raise CheckpointError(
             f"{rank_file} is missing: the checkpoint was written by fewer ranks than the {accelerator.num_processes} now"
         )
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    return trainer_state, torch.load(rank_file, weights_only=True)
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'trainer_state.json'} is unreadable: {type(e).__name__}: {e}") from None
+    if not (isinstance(trainer_state, dict) and isinstance(trainer_state.get("step"), int)):
+        raise CheckpointError(f"{path / 'trainer_state.json'} is not a training state (no integer step)")
+    with weights_only_loading(path):
+        accelerator.load_state(str(path), **kwargs)
+        rank_state = torch.load(rank_file, weights_only=True)
+    return trainer_state, rank_state
