@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,3 +107,61 @@ def test_bad_arguments_are_one_line(run_dir, capsys):
     assert main([str(run_dir), "--repo-id", "me/x", "--variant", "w2a2", "--dry-run"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not ORG/NAME" in err[0] and "variant 'w2a2' not in run" in err[1]
+
+
+class FakeHub:
+    """huggingface_hub.HfApi as far as `upload` uses it, with repos of known visibility and no network."""
+
+    repos = {"me/public": False, "me/private": True, "me/broken": True}  # repo -> private
+    calls: list[tuple] = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def repo_info(self, repo_id, repo_type=None):
+        import httpx
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if repo_id not in self.repos:
+            request = httpx.Request("GET", f"https://hub.invalid/api/models/{repo_id}")
+            raise RepositoryNotFoundError(f"404: {repo_id}", response=httpx.Response(404, request=request))
+        return SimpleNamespace(private=self.repos[repo_id])
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        self.calls.append(("create", repo_id, private))
+
+    def upload_folder(self, folder_path, repo_id, commit_message, **kwargs):
+        if repo_id == "me/broken":
+            raise RuntimeError(f"401 Client Error: bad credentials Bearer {self.token}\nheaders: {self.token}")
+        self.calls.append(("upload", repo_id))
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
+
+
+def test_private_upload_onto_a_public_repo_is_refused_and_the_token_stays_secret(run_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    import huggingface_hub
+
+    token = "hf_" + "s" * 34
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+    monkeypatch.setattr(ModelCard, "validate", lambda self, repo_type=None: None)  # the hub's check is a request
+    FakeHub.calls = []
+
+    def publish(repo: str, *flags: str) -> tuple[int, list[str]]:
+        code = main([str(run_dir), "--repo-id", repo, "--variant", "lora", "--out", str(tmp_path / repo), *flags])
+        captured = capsys.readouterr()
+        assert token not in captured.out + captured.err
+        return code, captured.err.strip().splitlines()
+
+    code, errors = publish("me/public", "--private")
+    assert code == 1 and len(errors) == 1 and "me/public already exists and is public" in errors[0], errors
+    assert FakeHub.calls == []  # neither created nor uploaded
+
+    assert publish("me/private", "--private")[0] == 0
+    assert publish("me/new", "--private")[0] == 0
+    assert publish("me/public")[0] == 0  # without --private a public repo is what was asked for
+    assert FakeHub.calls == [("create", "me/private", True), ("upload", "me/private"), ("create", "me/new", True),
+                             ("upload", "me/new"), ("create", "me/public", False), ("upload", "me/public")]
+
+    code, errors = publish("me/broken", "--private")
+    assert code == 1 and len(errors) == 1 and "bad credentials Bearer ***" in errors[0], errors

@@ -17,6 +17,7 @@ import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -76,12 +77,22 @@ class SkipCounter:
         return pending
 
 
+def open_shard(url: str) -> BinaryIO:
+    """A binary stream of a shard. `hf://` goes through huggingface_hub in this process: webdataset's own handler
+    runs curl with the hub token in its argv, where every local user can read it (`ps`)."""
+    if url.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem().open(url, "rb")
+    return gopen(url, "rb")
+
+
 def read_shard(url: str, counter: SkipCounter, expected: int | None = None) -> Iterator[dict]:
     """Samples of one tar shard (local path, or any URL webdataset's gopen opens, `pipe:` included) as dicts
     {"__key__", "__url__", ext: bytes}. Consecutive members with the same key form a sample (webdataset's rule).
     `expected`: the shard's sample count when known, so that samples lost to a broken shard are counted exactly."""
     try:
-        stream = gopen(url, "rb")
+        stream = open_shard(url)
         tar = tarfile.open(fileobj=stream, mode="r|*")
     except Exception as e:  # noqa: BLE001 - any failure to open is reported, the worker goes on
         counter.bad(f"cannot open the shard ({type(e).__name__}: {e})", "(all of it)", url, count=expected or 1)

@@ -15,7 +15,8 @@ total on this rank).
 
 Shard specs: a folder written by `sana-sr shards` (its sizes.json lists the shards), a sizes.json, local tar paths
 or brace patterns ("train-{000000..000099}.tar"), `pipe:` commands ("pipe:aws s3 cp s3://b/x.tar -"), a list of
-these, or several joined by "::".
+these, or several joined by "::". URLs and commands are taken only from the spec itself: a sizes.json may name
+only files inside its own folder (sana_sr/data/listing.py), since it travels with downloaded data.
 
 Modes:
 - "resampled" (training): every worker draws shards with replacement, for ever; the loader stops each epoch after
@@ -50,6 +51,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from sana_sr.data.degradation_config import DegradationConfig
+from sana_sr.data.listing import read_listing
 from sana_sr.data.samples import (
     DataStreamError,
     DecodeSettings,
@@ -150,11 +152,9 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tup
                 raise FileNotFoundError(
                     f"no sizes.json in {path}: write shards with `sana-sr shards`, or give the .tar files themselves"
                 )
-            counts = json.loads(listing.read_text())
-            for name, count in counts.items():
-                url = str(listing.parent / name)
-                urls.append(url)
-                sizes[url] = int(count)
+            listed = read_listing(listing)  # names confined to the listing's folder: it is untrusted data
+            urls.extend(listed)
+            sizes.update(listed)
         else:
             expanded = list(braceexpand(part))
             missing = [p for p in expanded if not Path(p).is_file()]

@@ -174,6 +174,16 @@ def build_folder(run: Path, repo_id: str, variant: str, out: Path, license_id: s
     return out
 
 
+def _is_public(api, repo_id: str) -> bool:
+    """Whether `repo_id` exists as a public model repo (False when it does not exist yet)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return not api.repo_info(repo_id, repo_type="model").private
+    except RepositoryNotFoundError:
+        return False
+
+
 def upload(folder: Path, repo_id: str, private: bool) -> str:
     """One commit with the whole folder; returns the commit URL. Errors become one-line PublishErrors."""
     from huggingface_hub import HfApi, get_token
@@ -186,9 +196,16 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
         from huggingface_hub import ModelCard
 
         ModelCard((folder / "README.md").read_text()).validate()  # the hub's own check, before any write
+        # create_repo(exist_ok=True) leaves an existing repo's visibility as it is: --private would upload into a
+        # public repo without a word.
+        if private and _is_public(api, repo_id):
+            raise PublishError(f"--private, but {repo_id} already exists and is public: nothing was uploaded; make "
+                               "it private on the hub (Settings) first, or publish without --private")
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload SANA-SR (sana-sr publish)",
                                  ignore_patterns=[MARKER, f"**/{MARKER}"])  # sana-sr's bookkeeping, not the model's
+    except PublishError:
+        raise
     except Exception as e:  # connection, auth, validation: one line, the token never in it
         message = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(token, "***")
         raise PublishError(

@@ -164,6 +164,13 @@ class CheckpointConfig:
     resume: str | None = None
     """`latest` (the newest complete checkpoint in output_dir, if any), a checkpoint folder, or None."""
 
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps must be >= 1 (a step count), got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1 (0 would delete the checkpoint just written), "
+                             f"got {self.keep_last}")
+
 
 @dataclass
 class LogConfig:
