@@ -39,6 +39,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help=f"refuse inputs with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT precision")
+    parser.add_argument("--execution", choices=("fake-quant", "int"), default="fake-quant",
+                        help="a compressed model's layers: dequantized on the fly (the reference, default) or on "
+                             "integer CPU kernels where one exists (see docs/compression.md)")
     return parser
 
 
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tiling = None if args.tile == 0 else TileSettings(args.tile, args.tile_overlap, args.ae_tile, args.ae_tile_overlap)
-        pipe = load_pipeline(args.model)
+        pipe = load_pipeline(args.model, execution=args.execution)
     except (OSError, ValueError) as e:
         print(f"error: cannot load model {args.model!r}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
