@@ -87,11 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     per_token = [results["linear"][str(n)]["us_per_token"] for n in args.tokens]
     middle = statistics.median(per_token)
     spread = {str(n): round(t / middle - 1, 4) for n, t in zip(args.tokens, per_token)}
+    # time = fixed + per_token·N (least squares over the linear DiT's counts): the fixed part is what does not grow
+    # with the image (the 300-token prompt's projections and K/V, the timestep MLP, per-call overheads).
+    xs, ys = args.tokens, [results["linear"][str(n)]["median_s"] for n in args.tokens]
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / max(sum((x - mean_x) ** 2 for x in xs), 1e-12)
+    fixed = mean_y - slope * mean_x
+    marginal = {str(n): round(((y - fixed) / n) / slope - 1, 4) for n, y in zip(xs, ys)} if slope > 0 else {}
     ratio_at = 9216 if 9216 in args.tokens else args.tokens[-1]
     ratio = results["softmax"][str(ratio_at)]["median_s"] / results["linear"][str(ratio_at)]["median_s"]
     report = {"benchmark": "attention scaling", "layers": args.layers, "width": config["num_attention_heads"] * 32,
               "threads": args.threads, "machine": machine_info(), "loadavg_before": load_before,
               "loadavg_after": loadavg(), "results": results, "linear_per_token_vs_median": spread,
+              "linear_fit": {"fixed_s": fixed, "us_per_token": slope * 1e6,
+                             "per_token_without_fixed_vs_slope": marginal},
               "softmax_over_linear": {str(n): results["softmax"][str(n)]["median_s"]
                                       / results["linear"][str(n)]["median_s"] for n in args.tokens}}
     print(f"{'tokens':>7} {'linear s':>9} {'us/token':>9} {'vs median':>10} {'softmax s':>10} {'softmax/linear':>15}")
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
     worst = max(abs(v) for v in spread.values())
-    print(f"load {load_before} -> {report['loadavg_after']}")
+    print(f"load {load_before} -> {report['loadavg_after']}; fit: {fixed:.3f} s fixed + {slope * 1e6:.1f} us/token "
+          f"(time per token less the fixed part within ±{max(map(abs, marginal.values()), default=0):.1%})")
     print(f"softmax/linear at {ratio_at} tokens: {ratio:.2f}x; linear time per token within ±{worst:.1%} of its "
           f"median over {args.tokens[0]}..{args.tokens[-1]} tokens")
     return 0

@@ -3,6 +3,8 @@
     PYTHONPATH=. python benchmarks/integer_speed.py --out benchmarks/results/integer_speed.json
     PYTHONPATH=. python benchmarks/integer_speed.py --speed-preset tiny --sizes 32 --reps 1 --tiny-sizes  # smoke
 
+Compressing the 0.6B model twice takes minutes; `--work-dir DIR` keeps the folders for the next run (seeded).
+
 1. Kernels: the candidate CPU kernels at the DiT's and the decoder's shapes (the reasons for the choice).
 2. Speed at real width: `--speed-preset` (sana-0.6b) with random weights, min-max W8A8 and W4A8 with no fine-tune,
    compressed, written as a pipeline folder and loaded back with execution="int"; then for each LQ side (128 -> 512,
@@ -90,7 +92,7 @@ def kernel_table() -> dict:
         xu = torch.randint(0, 256, x.shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
         ws, zeros = torch.rand(cout), torch.zeros(cout, dtype=torch.long)
         packed = onednn.qconv_prepack(torch.randint(-127, 128, w.shape, dtype=torch.int8), ws, 0.02, 0, [1, 1],
-                                      [pad, pad], [1, 1], groups, None)
+                                      [pad, pad], [1, 1], groups, [1, cin, 32, 32])  # as IntegerLayer packs
         xcl = x.contiguous(memory_format=torch.channels_last)
         out[name] = {"fp32 F.conv2d": timed(lambda: F.conv2d(x, w, None, 1, pad, 1, groups)),
                      "bf16 F.conv2d (channels-last)": timed(
@@ -108,7 +110,7 @@ def kernel_table() -> dict:
 # -- 2./3. speed per component ---------------------------------------------------------------------------------------
 def lq_image(side: int) -> torch.Tensor:
     """A real photo, centre crop of 4·side, area-downscaled to side x side (values in [0, 1])."""
-    a = torch.from_numpy(photos(512)[0]).permute(2, 0, 1).float()[None] / 255
+    a = torch.from_numpy(photos(512)[0].copy()).permute(2, 0, 1).float()[None] / 255
     h, w = a.shape[2:]
     crop = min(4 * side, h, w)
     a = a[:, :, (h - crop) // 2:(h - crop) // 2 + crop, (w - crop) // 2:(w - crop) // 2 + crop]
@@ -116,7 +118,7 @@ def lq_image(side: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def speed_section(preset: str, sizes: list[int], reps: int, work: Path) -> dict:
+def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, prepare_only: bool = False) -> dict:
     log(f"{preset}: building (random weights), compressing {list(SPEED_CONFIGS)} with min-max, no fine-tune")
     fp32 = build_pipeline(preset, weights="random", text_encoder=False)
     fp32.set_progress_bar_config(disable=True)
@@ -133,17 +135,24 @@ def speed_section(preset: str, sizes: list[int], reps: int, work: Path) -> dict:
     variants = {"fp32": fp32}
     loads = {}
     for name, (wbits, abits) in SPEED_CONFIGS.items():
-        pipe = copy.deepcopy(fp32)
-        compress_pipeline(pipe, QuantizeConfig(method="minmax", wbits=wbits, abits=abits), calib)
         folder = work / f"{preset}-{name.replace(' ', '_')}"
-        save_quantized_pipeline(pipe, folder, report={})
-        del pipe
+        reused = (folder / "compression.json").is_file()  # a complete folder of an earlier run: same seed, same data
+        if not reused:
+            pipe = copy.deepcopy(fp32)
+            compress_pipeline(pipe, QuantizeConfig(method="minmax", wbits=wbits, abits=abits), calib)
+            save_quantized_pipeline(pipe, folder, report=dict(benchmark="integer_speed", preset=preset, seed=0))
+            del pipe
+        if prepare_only:
+            continue
         with PeakRSS() as p:
             loaded = SanaSRPipeline.from_pretrained(folder, execution="int")
         loaded.set_progress_bar_config(disable=True)
-        loads[name] = {"load_extra_rss_bytes": p.extra, "summary": loaded.integer_summary.line()}
+        loads[name] = {"load_extra_rss_bytes": p.extra, "summary": loaded.integer_summary.line(),
+                       "folder_from_earlier_run": reused}
         variants[name] = loaded
         log(f"  {name}: {loads[name]['summary']}")
+    if prepare_only:
+        return {}
     bf16 = copy.deepcopy(fp32)
     bf16.transformer.to(torch.bfloat16)
     bf16.vae.to(torch.bfloat16)
@@ -161,12 +170,15 @@ def speed_section(preset: str, sizes: list[int], reps: int, work: Path) -> dict:
 
     components = {"encoder": ("fp32", "bf16"), "dit": tuple(variants), "decoder": tuple(variants)}
     results = {}
-    for side in sizes:
+    # Warm-up, untimed: oneDNN builds its primitives (and integer layers their edge strips) on the first call of
+    # each shape; the larger sizes' AE tiles have the smallest size's shape.
+    for component, names in components.items():
+        for name in names:
+            run(variants[name], component, sizes[0])
+    for side, side_reps in zip(sizes, reps):
         key = f"{side}->{4 * side}"
         results[key] = {c: {v: {"s": [], "extra_rss_bytes": []} for v in vs} for c, vs in components.items()}
-        for name in variants:  # warm-up: oneDNN builds its primitives on the first call of each shape
-            run(variants[name], "dit", side)
-        for rep in range(reps):
+        for rep in range(side_reps):
             for component, names in components.items():
                 for name in names:
                     with PeakRSS() as p:
@@ -176,7 +188,7 @@ def speed_section(preset: str, sizes: list[int], reps: int, work: Path) -> dict:
                     cell = results[key][component][name]
                     cell["s"].append(round(seconds, 4))
                     cell["extra_rss_bytes"].append(p.extra)
-            log(f"  {key} rep {rep + 1}/{reps} done (load {loadavg().split()[0]})")
+            log(f"  {key} rep {rep + 1}/{side_reps} done (load {loadavg().split()[0]})")
     weights = {}
     for name, pipe in variants.items():
         weights[name] = {"encoder": module_bytes(pipe.vae.encoder), "dit": module_bytes(pipe.transformer),
@@ -197,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--speed-preset", default="sana-0.6b")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="LQ sides (output x4)")
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, nargs="+", default=[2, 1],
+                        help="timed round-robin reps per size (the last value repeats)")
+    parser.add_argument("--prepare-only", action="store_true", help="write the compressed folders to --work-dir, "
+                        "then stop (compressing the 0.6B model twice takes minutes on two cores)")
     parser.add_argument("--tiny-sizes", type=int, nargs="*", default=[128], help="LQ sides of the tiny speed table")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work-dir", type=Path, help="keep the compressed folders here and reuse them in later "
+                        "runs (the random weights and the calibration are seeded: the same folders); default: temp")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -207,11 +224,18 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        log("kernels")
-        report["kernels"] = kernel_table()
-        report["speed"] = speed_section(args.speed_preset, args.sizes, args.reps, Path(tmp))
+        work = args.work_dir or Path(tmp)
+        if not args.prepare_only:
+            log("kernels")
+            report["kernels"] = kernel_table()
+        reps = (args.reps + args.reps[-1:] * len(args.sizes))[:len(args.sizes)]
+        if args.prepare_only:
+            speed_section(args.speed_preset, args.sizes, reps, work, prepare_only=True)
+            log(f"compressed folders written to {work}")
+            return 0
+        report["speed"] = speed_section(args.speed_preset, args.sizes, reps, work)
         if args.tiny_sizes:
-            report["speed_tiny"] = speed_section("tiny", args.tiny_sizes, args.reps, Path(tmp))
+            report["speed_tiny"] = speed_section("tiny", args.tiny_sizes, reps, work)
     report["loadavg_after"] = loadavg()
     report["seconds"] = round(time.perf_counter() - start, 1)
     for section in ("speed", "speed_tiny"):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from compress import QuantizeConfig, quantize
-from compress.integer import IntegerLayer, kernels_available, to_integer
-from compress.layers import QuantWeightLayer
+from compress.integer import FusedFakeQuantMatmul, Grid, IntegerLayer, kernels_available, to_integer
+from compress.layers import QuantMatmul, QuantWeightLayer
 from tests.compress_nets import ToyRestorer, one_thread, toy_batches  # noqa: F401 (autouse fixture)
 from tests.conftest import ASSETS
 
@@ -68,12 +68,18 @@ def test_each_integer_layer_matches_its_fake_quant_layer(method, wbits, abits):
         if not isinstance(layer, QuantWeightLayer) or layer.aq is None:
             continue
         fast = IntegerLayer(layer)
-        lo, hi = float(fast.lo), float(fast.hi)
+        grid = fast.grid
         if layer.kind == "linear":
             shape = (2, 7, layer.in_size)
         else:
             shape = (2, layer.in_size if layer.rotate else layer.weight_shape[1] * layer.conv["groups"], 9, 7)
-        x = torch.rand(shape, generator=generator) * (hi - lo) * 1.3 + lo - 0.15 * (hi - lo)  # past both bounds
+        if layer.rotate:  # what the layer quantizes is the rotated input: spread it over and past the bounds
+            x = torch.randn(shape, generator=generator) * float(grid.hi - grid.lo)
+        else:  # on and past the grid, a tenth of a step or more from every rounding tie (where either side is right)
+            steps = torch.randint(-8, grid.levels + 8, shape, generator=generator).float()
+            offset = torch.rand(shape, generator=generator) * 0.3 + 0.1
+            offset = torch.where(torch.rand(shape, generator=generator) < 0.5, offset, 1 - offset)
+            x = grid.z + (steps + offset) * grid.s
         with torch.no_grad():
             reference, out = layer(x), fast(x)
         assert out.shape == reference.shape
@@ -81,6 +87,30 @@ def test_each_integer_layer_matches_its_fake_quant_layer(method, wbits, abits):
         assert (out - reference).abs().max().item() <= LAYER_TOLERANCE * scale, name
         checked += 1
     assert checked >= 5
+
+
+@pytest.mark.parametrize("method, wbits, abits", CASES)
+def test_fused_rounding_matches_the_reference_quantizer(method, wbits, abits):
+    """The fused rounding (integer layers' codes, the matmul sites' fake quantization) against the reference's
+    elementwise passes, on values a tenth of a step or more from every tie, on and past both ends of the grid."""
+    model = quantized_toy(method, wbits, abits)
+    generator = torch.Generator().manual_seed(2)
+    sites = [m for m in model.modules() if isinstance(m, QuantMatmul)]
+    quantizers = [m.aq for m in model.modules() if isinstance(m, QuantWeightLayer) and m.aq is not None]
+    for quantizer in quantizers + [q for m in sites for q in (m.qa, m.qb)]:
+        grid = Grid(quantizer)
+        steps = torch.randint(-8, grid.levels + 8, (4000,), generator=generator).float()
+        offset = torch.rand(4000, generator=generator) * 0.8 + 0.1
+        offset = torch.where((offset - 0.5).abs() < 0.1, offset + 0.2, offset)
+        x = grid.z + (steps + offset) * grid.s
+        with torch.no_grad():
+            reference = quantizer(x.clone())
+        assert torch.allclose(grid.fake_quant(x), reference, rtol=0, atol=1e-5 * grid.s * grid.levels)
+        assert torch.allclose(grid.codes(x).float() * grid.s + grid.z, reference, rtol=0,
+                              atol=1e-5 * grid.s * grid.levels)
+    a, b = torch.rand(2, 5, 6, generator=generator), torch.rand(2, 6, 3, generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(FusedFakeQuantMatmul(sites[0])(a, b), sites[0](a, b), atol=1e-4)
 
 
 @pytest.mark.parametrize("method, wbits, abits", CASES[:3])
