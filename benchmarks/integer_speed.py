@@ -118,20 +118,17 @@ def lq_image(side: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, prepare_only: bool = False) -> dict:
+def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, prepare_only: bool = False,
+                  calib_side: int = 32, encoder_sizes: tuple[int, ...] | None = None) -> dict:
     log(f"{preset}: building (random weights), compressing {list(SPEED_CONFIGS)} with min-max, no fine-tune")
     fp32 = build_pipeline(preset, weights="random", text_encoder=False)
     fp32.set_progress_bar_config(disable=True)
     tiling = TileSettings()  # `sana-sr upscale`'s defaults
-    lq = {side: lq_image(side) for side in sizes}
-    inputs = {}
-    for side in sizes:
-        up = bicubic_upsample(lq[side], 4 * side, 4 * side) * 2 - 1
-        with fp32.ae_tiling(tiling):
-            latents = fp32.encode(up)
-        inputs[side] = (up, latents)
     embeds, mask = fp32.encode_prompt(None, 1)
-    calib = [dict(latents=inputs[sizes[0]][1], prompt_embeds=embeds, prompt_mask=mask)]
+    # Calibration (min-max ranges) on a small LQ: random weights, and its passes are the slow part of compressing.
+    with torch.no_grad():
+        calib_latents = fp32.encode(bicubic_upsample(lq_image(calib_side), 4 * calib_side, 4 * calib_side) * 2 - 1)
+    calib = [dict(latents=calib_latents, prompt_embeds=embeds, prompt_mask=mask)]
     variants = {"fp32": fp32}
     loads = {}
     for name, (wbits, abits) in SPEED_CONFIGS.items():
@@ -153,6 +150,12 @@ def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, pr
         log(f"  {name}: {loads[name]['summary']}")
     if prepare_only:
         return {}
+    inputs = {}
+    for side in sizes:
+        up = bicubic_upsample(lq_image(side), 4 * side, 4 * side) * 2 - 1
+        with fp32.ae_tiling(tiling):
+            latents = fp32.encode(up)
+        inputs[side] = (up, latents)
     bf16 = copy.deepcopy(fp32)
     bf16.transformer.to(torch.bfloat16)
     bf16.vae.to(torch.bfloat16)
@@ -170,16 +173,18 @@ def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, pr
 
     components = {"encoder": ("fp32", "bf16"), "dit": tuple(variants), "decoder": tuple(variants)}
     results = {}
-    # Warm-up, untimed: oneDNN builds its primitives (and integer layers their edge strips) on the first call of
-    # each shape; the larger sizes' AE tiles have the smallest size's shape.
-    for component, names in components.items():
-        for name in names:
+    # Warm-up of the integer variants, untimed: their layers build oneDNN primitives and edge strips on the first
+    # call of each shape (the larger sizes' AE tiles have the smallest size's shape).
+    for component in ("dit", "decoder"):
+        for name in SPEED_CONFIGS:
             run(variants[name], component, sizes[0])
     for side, side_reps in zip(sizes, reps):
         key = f"{side}->{4 * side}"
-        results[key] = {c: {v: {"s": [], "extra_rss_bytes": []} for v in vs} for c, vs in components.items()}
+        timed = {c: vs for c, vs in components.items() if c != "encoder" or encoder_sizes is None
+                 or side in encoder_sizes}
+        results[key] = {c: {v: {"s": [], "extra_rss_bytes": []} for v in vs} for c, vs in timed.items()}
         for rep in range(side_reps):
-            for component, names in components.items():
+            for component, names in timed.items():
                 for name in names:
                     with PeakRSS() as p:
                         start = time.perf_counter()
@@ -213,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed round-robin reps per size (the last value repeats)")
     parser.add_argument("--prepare-only", action="store_true", help="write the compressed folders to --work-dir, "
                         "then stop (compressing the 0.6B model twice takes minutes on two cores)")
+    parser.add_argument("--encoder-sizes", type=int, nargs="*", help="LQ sides at which the encoder is timed "
+                        "(default: all; it is the same module in every variant but bf16)")
+    parser.add_argument("--calib-side", type=int, default=32, help="LQ side of the calibration image")
     parser.add_argument("--tiny-sizes", type=int, nargs="*", default=[128], help="LQ sides of the tiny speed table")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, help="keep the compressed folders here and reuse them in later "
@@ -230,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             report["kernels"] = kernel_table()
         reps = (args.reps + args.reps[-1:] * len(args.sizes))[:len(args.sizes)]
         if args.prepare_only:
-            speed_section(args.speed_preset, args.sizes, reps, work, prepare_only=True)
+            speed_section(args.speed_preset, args.sizes, reps, work, True, args.calib_side)
             log(f"compressed folders written to {work}")
             return 0
-        report["speed"] = speed_section(args.speed_preset, args.sizes, reps, work)
+        report["speed"] = speed_section(args.speed_preset, args.sizes, reps, work, False, args.calib_side,
+                                        tuple(args.encoder_sizes) if args.encoder_sizes else None)
         if args.tiny_sizes:
-            report["speed_tiny"] = speed_section("tiny", args.tiny_sizes, reps, work)
+            report["speed_tiny"] = speed_section("tiny", args.tiny_sizes, reps, work, False, min(args.calib_side, 32))
     report["loadavg_after"] = loadavg()
     report["seconds"] = round(time.perf_counter() - start, 1)
     for section in ("speed", "speed_tiny"):
