@@ -1,8 +1,10 @@
 """Loader throughput next to the raw JPEG-decode throughput of the same shards (not a test).
 
-    PYTHONPATH=. python benchmarks/loader_speed.py [--copies 8] [--samples 320] [--workers 0 1 2] [--out r.json]
+    PYTHONPATH=. python benchmarks/loader_speed.py [--copies 8] [--samples 320] [--workers 0 1 2] [--rounds 3]
 
-Shards are written with `sana-sr shards --reencode jpg` from real photos (each photo `--copies` times). "raw decode"
+Both sides run in one process, round-robin (`--rounds` times: the raw decode, then each loader), on the same shards,
+so that the machine's load hits them alike; the last line is the loader's rate (0 workers: the same single
+process as the raw decode) over the raw decode rate, the limit the loader can reach. Shards are written with `sana-sr shards --reencode jpg` from real photos (each photo `--copies` times). "raw decode"
 is one process reading the shards and decoding every JPEG in full (Pillow, as the loader); the loader adds the
 random 512 crop, flips, per-sample kernel draws, batching (16) and the transfer from its worker processes.
 """
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, default=8, help="times each photo goes into the shards")
     parser.add_argument("--samples", type=int, default=320, help="samples per loader run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds (medians are reported)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     import torch
@@ -86,10 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         shards = build_shards(Path(tmp), args.copies)
-        raw = raw_decode(shards)
-        loaders = [loader_rate(shards, w, args.samples) for w in args.workers]
+        rounds = []
+        for _ in range(args.rounds):
+            rounds.append({"raw": raw_decode(shards), "loaders": [loader_rate(shards, w, args.samples)
+                                                                  for w in args.workers]})
+            print(f"round {len(rounds)}/{args.rounds} (load {loadavg().split()[0]})", flush=True)
+
+    def median_run(runs: list[dict]) -> dict:
+        return sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2]
+
+    raw = median_run([r["raw"] for r in rounds])
+    loaders = [median_run([r["loaders"][i] for r in rounds]) for i in range(len(args.workers))]
     report = {"benchmark": "loader", "machine": machine_info(), "loadavg_before": load_before,
-              "loadavg_after": loadavg(), "raw_decode": raw, "loader": loaders}  # fmt: skip
+              "loadavg_after": loadavg(), "raw_decode": raw, "loader": loaders, "rounds": rounds}  # fmt: skip
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; load before {load_before}, "
           f"after {report['loadavg_after']}")  # fmt: skip
     print(f"raw JPEG decode, 1 process: {raw['images_per_s']:.1f} images/s ({raw['images']} images, "
@@ -99,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         ratio = r["images_per_s"] / raw["images_per_s"]
         print(f"loader, {r['workers']} workers: {r['images_per_s']:.1f} images/s overall, {steady} after the first "
               f"batch ({r['first_batch_s']:.2f} s); {ratio:.2f}x raw decode")  # fmt: skip
+    ratio = loaders[0]["images_per_s"] / raw["images_per_s"]
+    report["ratio_loader_over_raw_decode"] = ratio
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"loader ({loaders[0]['workers']} workers) / raw JPEG decode of the same shards: {ratio:.2f}")
     return 0
 
 

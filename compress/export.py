@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .integer import EXECUTIONS, to_integer
 from .layers import LayerSpec, QuantMatmul, QuantWeightLayer, quant_modules, replace_module
 from .pack import pack_bits, packed_nbytes, unpack_bits
 
@@ -162,20 +163,29 @@ class _Reader:
                              "does not match the exported architecture")
 
 
-def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Rebuild the exported quantized model inside `model`, a full-precision skeleton of the same architecture."""
+def load_quantized(model: nn.Module, directory: str | os.PathLike, *, execution: str = "fake-quant") -> nn.Module:
+    """Rebuild the exported quantized model inside `model`, a skeleton of the same architecture.
+
+    The skeleton's parameters may be on the meta device (nothing is allocated for them: every tensor is assigned
+    from the export). execution="int" then runs the layers that have an integer kernel through it
+    (`compress.integer.to_integer`; its summary is left in `model.integer_summary`); "fake-quant" (the reference)
+    dequantizes weights on the fly. Either way no float copy of a quantized weight is kept."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     layout = read_layout(directory)
     storage = DTYPES[layout["float_dtype"]]
     tensors = safetensors.torch.load_file(str(Path(directory) / WEIGHTS_FILE))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device("cpu") if device.type == "meta" else device
     skeleton = dict(model.named_modules())
-    for name, spec in layout["layers"].items():
-        if not isinstance(skeleton.get(name), (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"the skeleton has no Linear/Conv2d {name!r}: the skeleton does not match the "
-                             "exported architecture")
-        replace_module(model, name, QuantWeightLayer.empty_like(skeleton[name], LayerSpec(*spec), storage))
-    for name, spec in layout["matmuls"].items():
-        replace_module(model, name, QuantMatmul.from_layout(spec))
+    with torch.device("meta"):  # placeholders only: every tensor of the quantized modules is assigned below
+        for name, spec in layout["layers"].items():
+            if not isinstance(skeleton.get(name), (nn.Linear, nn.Conv2d)):
+                raise ValueError(f"the skeleton has no Linear/Conv2d {name!r}: the skeleton does not match the "
+                                 "exported architecture")
+            replace_module(model, name, QuantWeightLayer.empty_like(skeleton[name], LayerSpec(*spec), storage))
+        for name, spec in layout["matmuls"].items():
+            replace_module(model, name, QuantMatmul.from_layout(spec))
     readers = {k: _Reader(k, tensors[k]) for k in ("packed", "scales", "quantizers", "floats")}
     state = {}
     for kind, key, item in _entries(model):
@@ -208,8 +218,17 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             state[key] = blob.take(item.numel()).view(item.shape).to(item.dtype)
     for reader in readers.values():
         reader.done()
-    model.load_state_dict(state, strict=True)
-    return model.to(device)
+    del tensors, readers
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{len(missing)} tensors of the skeleton are not in the export (first: {missing[0]}): "
+                         "the skeleton does not match the exported architecture")
+    model = model.to(device)
+    if execution == "int":
+        model.integer_summary = to_integer(model)
+    return model
 
 
 def export_size(directory: str | os.PathLike) -> int:

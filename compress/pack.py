@@ -24,6 +24,8 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"values in [{int(flat.min())}, {int(flat.max())}] do not fit in {bits} bits")
     flat = flat.to(torch.uint8)
+    if 8 % bits == 0:
+        return _pack_aligned(flat, bits)
     shifts = torch.arange(bits, dtype=torch.uint8)
     weights = (1 << torch.arange(8, dtype=torch.int32))
     out = []
@@ -45,6 +47,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if packed.numel() < need:
         raise ValueError(f"{packed.numel()} bytes cannot hold {count} values of {bits} bits ({need} bytes needed)")
     packed = packed.reshape(-1).to(torch.uint8)
+    if 8 % bits == 0:
+        return _unpack_aligned(packed[:need], bits, count)
     byte_shifts = torch.arange(8, dtype=torch.uint8)
     value_weights = (1 << torch.arange(bits, dtype=torch.int32))
     out = []
@@ -55,3 +59,22 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         stream = ((chunk[:, None] >> byte_shifts) & 1).reshape(-1)[: n * bits]
         out.append((stream.view(n, bits).to(torch.int32) * value_weights).sum(1).to(torch.uint8))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def _pack_aligned(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """The same stream when a byte holds whole values (1, 2, 4, 8 bits): value m of byte j sits at bit m·bits."""
+    per_byte = 8 // bits
+    pad = -flat.numel() % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    lanes = flat.view(-1, per_byte)
+    out = lanes[:, 0].clone()
+    for m in range(1, per_byte):
+        out |= lanes[:, m] << (m * bits)
+    return out
+
+
+def _unpack_aligned(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    lanes = torch.stack([(packed >> (m * bits)) & mask for m in range(per_byte)], dim=1)
+    return lanes.reshape(-1)[:count].contiguous()

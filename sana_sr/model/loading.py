@@ -126,12 +126,15 @@ def load_text_encoder(source: str | os.PathLike):
     return AutoModel.from_pretrained(source, subfolder="text_encoder", dtype="auto"), tokenizer
 
 
-def load_pipeline(model: str | os.PathLike, **kwargs) -> SanaSRPipeline:
+def load_pipeline(model: str | os.PathLike, execution: str = "fake-quant", **kwargs) -> SanaSRPipeline:
     """`model` is a preset name (built at random), a saved (or compressed) pipeline folder, or a hub id of one.
 
-    Folders and hub ids load through `SanaSRPipeline.from_pretrained`, which checks them first."""
+    Folders and hub ids load through `SanaSRPipeline.from_pretrained`, which checks them first. execution="int"
+    runs a compressed folder on integer kernels (a preset or a full-precision folder is refused)."""
     from sana_sr.model.presets import PRESETS
 
     if str(model) in PRESETS:
+        if execution != "fake-quant":
+            raise ValueError(f"execution={execution!r} needs a compressed pipeline folder; {model!r} is a preset")
         return build_pipeline(str(model), **kwargs)
-    return SanaSRPipeline.from_pretrained(model)
+    return SanaSRPipeline.from_pretrained(model, execution=execution)

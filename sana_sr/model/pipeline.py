@@ -298,18 +298,26 @@ class SanaSRPipeline(DiffusionPipeline):
             save_lora(self.transformer, directory / "lora", transformer_state)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, load_lora_adapter: bool = True, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, load_lora_adapter: bool = True,
+                        execution: str = "fake-quant", **kwargs):
         """Load a folder or hub repo written by `save_pretrained` or `sana-sr compress`, through diffusers' loader.
 
         The folder is checked first (sana_sr.model.components): every component an allow-listed class, weights only
         from safetensors, no code from the folder; a hub repo is downloaded only once its configs pass. The `lora/`
-        adapter is attached unless told not to.
+        adapter is attached unless told not to. execution="int" runs the compressed DiT and DC-AE decoder on integer
+        kernels (`sana_sr.quantization.components.use_integer_kernels`); "fake-quant", the default, is the reference.
         """
         from sana_sr.model.components import prepare_pipeline_folder
 
+        if execution not in ("fake-quant", "int"):
+            raise ValueError(f"execution must be 'fake-quant' or 'int', got {execution!r}")
         folder = prepare_pipeline_folder(pretrained_model_name_or_path, kwargs)
         pipe = super().from_pretrained(str(folder), **kwargs)
         adapter = folder / "lora" / LORA_WEIGHT_NAME
         if load_lora_adapter and adapter.is_file():
             load_lora(pipe.transformer, adapter)
+        if execution != "fake-quant":
+            from sana_sr.quantization.components import use_integer_kernels
+
+            use_integer_kernels(pipe, execution)
         return pipe

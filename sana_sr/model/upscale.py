@@ -55,6 +55,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="DiT precision")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace files already in OUT_DIR even if it is not an upscale output folder")
+    parser.add_argument("--execution", choices=("fake-quant", "int"), default="fake-quant",
+                        help="a compressed model's layers: dequantized on the fly (the reference, default) or on "
+                             "integer CPU kernels where one exists (see docs/compression.md)")
     return parser
 
 
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(printable(f"error: cannot write into {args.output}: {e.strerror or e}"), file=sys.stderr)
         return 2
     try:
-        pipe = load_pipeline(args.model)
+        pipe = load_pipeline(args.model, execution=args.execution)
     except (OSError, ValueError) as e:
         print(f"error: cannot load model {args.model!r}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -16,21 +16,25 @@ like any other: model_index.json names these classes. No pickled modules, no cod
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import safetensors.torch
 import torch
+from accelerate import init_empty_weights
 
 # diffusers' pipeline loader looks the base classes up in the module that defines a component's class.
 from diffusers import AutoencoderDC, ModelMixin, SanaTransformer2DModel  # noqa: F401
 
 from compress import export_quantized, load_quantized, read_layout
 from compress.export import DTYPES as FLOAT_DTYPES
+from compress.integer import EXECUTIONS, IntegerSummary, to_integer
 from sana_sr.pruning.model import PrunedSanaTransformer2DModel
 from sana_sr.quantization.sana import FoldedTimestep, folded_skeleton, install_matmul_sites
 
 ENCODER_FILE = "encoder.safetensors"
+log = logging.getLogger("sana_sr.quantization")
 
 
 class QuantizedComponent:
@@ -40,8 +44,12 @@ class QuantizedComponent:
     quantized in memory becomes one in place (`as_quantized`), and `float_dtype` is the export's float storage."""
 
     float_dtype: str | None = None
+    execution: str = "fake-quant"
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        if self.execution != "fake-quant":
+            raise ValueError(f"{type(self).__name__} runs on integer kernels (its codes were handed to them): load "
+                             "the folder again with execution='fake-quant' to save it")
         if self.float_dtype not in FLOAT_DTYPES:
             raise ValueError(f"{type(self).__name__} has no float dtype for its export (got {self.float_dtype!r}): "
                              "make it with as_quantized(model, float_dtype)")
@@ -52,19 +60,43 @@ class QuantizedComponent:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        torch_dtype: torch.dtype | None = None, **kwargs):
+                        torch_dtype: torch.dtype | None = None, execution: str = "fake-quant", **kwargs):
         """Rebuild the component from its own folder (config.json + packed export). diffusers' loading options
-        (device_map, low_cpu_mem_usage, use_safetensors, ...) do not apply: the export is always safetensors."""
+        (device_map, low_cpu_mem_usage, use_safetensors, ...) do not apply: the export is always safetensors.
+
+        execution: "fake-quant" (the reference: weights dequantized on the fly) or "int" (the layers that have an
+        integer kernel run on it, the others dequantized; one summary line is logged). The architecture is built
+        without allocating its parameters: every tensor comes from the folder, and no float copy of a quantized
+        weight is ever made."""
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         if not (folder / cls.config_name).is_file():
             raise FileNotFoundError(f"{folder / cls.config_name} not found: {cls.__name__} loads from a component "
                                     "folder written by `sana-sr compress`")
         layout = read_layout(folder)
-        model = cls.from_config(cls.load_config(folder))
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(cls.load_config(folder))
         model._load_export(folder, layout)
+        missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} tensors are in neither the export nor the encoder file "
+                             f"(first: {missing[0]}); re-run `sana-sr compress`")
         model.float_dtype = layout["float_dtype"]
         model.requires_grad_(False).eval()
+        if execution == "int":
+            log.warning(model.use_integer_kernels().line())
         return model.to(torch_dtype) if torch_dtype is not None else model
+
+    def use_integer_kernels(self) -> IntegerSummary:
+        """Run the quantized layers that have an integer kernel on it, from now on (one way: each layer's codes
+        become the kernel's weights). Returns what was converted and what stays dequantized."""
+        summary = to_integer(self._quantized_part())
+        self.execution = "int"
+        return summary
+
+    def _quantized_part(self) -> torch.nn.Module:
+        return self
 
     def _save_export(self, directory: Path) -> None:
         raise NotImplementedError
@@ -104,11 +136,36 @@ class QuantizedAutoencoderDC(QuantizedComponent, AutoencoderDC):
         safetensors.torch.save_file(encoder, str(directory / ENCODER_FILE))
         export_quantized(self.decoder, directory, float_dtype=self.float_dtype)
 
+    def _quantized_part(self) -> torch.nn.Module:
+        return self.decoder
+
     def _load_export(self, folder: Path, layout: dict) -> None:
         encoder = safetensors.torch.load_file(str(folder / ENCODER_FILE))
-        self.encoder.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True)
+        self.encoder.load_state_dict({k: v.float() for k, v in encoder.items()}, strict=True, assign=True)
         install_matmul_sites(self.decoder)
         load_quantized(self.decoder, folder)
+
+
+def use_integer_kernels(pipe, execution: str = "int") -> IntegerSummary:
+    """Run the quantized components of a loaded pipeline on integer kernels; logs one line for the two together."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    parts = [c for c in (pipe.transformer, pipe.vae) if isinstance(c, QuantizedComponent)]
+    if execution == "fake-quant":
+        return IntegerSummary()
+    if not parts:
+        raise ValueError("execution='int' needs a compressed pipeline folder (written by `sana-sr compress`); this "
+                         "one is full precision")
+    total = IntegerSummary()
+    for part in parts:
+        summary = part.use_integer_kernels()
+        total.integer.update(summary.integer)
+        total.dequantized.update(summary.dequantized)
+        total.dequantized_layers += summary.dequantized_layers
+        total.matmuls += summary.matmuls
+    log.warning(total.line())
+    pipe.integer_summary = total
+    return total
 
 
 # The quantized class of each full-precision one; exact types, since the pruned DiT is a SanaTransformer2DModel too.
