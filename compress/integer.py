@@ -262,6 +262,10 @@ class IntegerSummary:
     dequantized_layers: list[str] = field(default_factory=list)
     matmuls: int = 0
 
+    def __add__(self, other: IntegerSummary) -> IntegerSummary:
+        return IntegerSummary(self.integer + other.integer, self.dequantized + other.dequantized,
+                              self.dequantized_layers + other.dequantized_layers, self.matmuls + other.matmuls)
+
     def line(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.integer.items()))
         rest = "; ".join(f"{n} {why}" for why, n in self.dequantized.items())

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sana_sr.atomic import atomic_file
-from sana_sr.data.shards import _add, _HashingFile
+from sana_sr.data.shard_output import HashingFile, add_member
 from sana_sr.data.streaming import resolve_shards
 
 EMBED_DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -100,14 +100,14 @@ def embed_shard(source: str, target: str, max_length: int, batch_size: int, dtyp
             arrays.append(array)
     with atomic_file(target) as tmp:
         with open(tmp, "wb") as raw:
-            hashing = _HashingFile(raw)
+            hashing = HashingFile(raw)
             with tarfile.open(fileobj=hashing, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for (key, members), array in zip(samples, arrays, strict=True):
                     for name, data in members:
-                        _add(tar, name, data)
+                        add_member(tar, name, data)
                     buffer = io.BytesIO()
                     np.save(buffer, array, allow_pickle=False)
-                    _add(tar, f"{key}.emb.npy", buffer.getvalue())
+                    add_member(tar, f"{key}.emb.npy", buffer.getvalue())
     return {"samples": len(samples), "bytes": hashing.size, "sha256": hashing.sha256.hexdigest()}
 
 

@@ -9,6 +9,9 @@ as the sample at sigma* and one Euler step jumps to sigma = 0. sigma* and t* com
 
 from __future__ import annotations
 
+import functools
+import logging
+import operator
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,8 @@ from sana_sr.model.lora import (
 )
 from sana_sr.model.text import PromptEmbedding, encode_prompts
 from sana_sr.model.tiling import TileSettings, tiled_apply
+
+logger = logging.getLogger(__name__)
 
 
 def bicubic_upsample(lq: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -305,7 +310,7 @@ class SanaSRPipeline(DiffusionPipeline):
         The folder is checked first (sana_sr.model.components): every component an allow-listed class, weights only
         from safetensors, no code from the folder; a hub repo is downloaded only once its configs pass. The `lora/`
         adapter is attached unless told not to. execution="int" runs the compressed DiT and DC-AE decoder on integer
-        kernels (`sana_sr.quantization.components.use_integer_kernels`); "fake-quant", the default, is the reference.
+        kernels (each compressed component's `use_integer_kernels`); "fake-quant", the default, is the reference.
         """
         from sana_sr.model.components import prepare_pipeline_folder
 
@@ -316,8 +321,12 @@ class SanaSRPipeline(DiffusionPipeline):
         adapter = folder / "lora" / LORA_WEIGHT_NAME
         if load_lora_adapter and adapter.is_file():
             load_lora(pipe.transformer, adapter)
-        if execution != "fake-quant":
-            from sana_sr.quantization.components import use_integer_kernels
-
-            use_integer_kernels(pipe, execution)
+        if execution == "int":
+            # Compressed components (sana_sr.quantization.components) know how to switch themselves.
+            parts = [c for c in (pipe.transformer, pipe.vae) if hasattr(c, "use_integer_kernels")]
+            if not parts:
+                raise ValueError("execution='int' needs a compressed pipeline folder (written by `sana-sr compress`); "
+                                 f"{pretrained_model_name_or_path} is full precision")
+            pipe.integer_summary = functools.reduce(operator.add, (part.use_integer_kernels() for part in parts))
+            logger.warning(pipe.integer_summary.line())
         return pipe

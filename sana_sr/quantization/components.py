@@ -146,28 +146,6 @@ class QuantizedAutoencoderDC(QuantizedComponent, AutoencoderDC):
         load_quantized(self.decoder, folder)
 
 
-def use_integer_kernels(pipe, execution: str = "int") -> IntegerSummary:
-    """Run the quantized components of a loaded pipeline on integer kernels; logs one line for the two together."""
-    if execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-    parts = [c for c in (pipe.transformer, pipe.vae) if isinstance(c, QuantizedComponent)]
-    if execution == "fake-quant":
-        return IntegerSummary()
-    if not parts:
-        raise ValueError("execution='int' needs a compressed pipeline folder (written by `sana-sr compress`); this "
-                         "one is full precision")
-    total = IntegerSummary()
-    for part in parts:
-        summary = part.use_integer_kernels()
-        total.integer.update(summary.integer)
-        total.dequantized.update(summary.dequantized)
-        total.dequantized_layers += summary.dequantized_layers
-        total.matmuls += summary.matmuls
-    log.warning(total.line())
-    pipe.integer_summary = total
-    return total
-
-
 # The quantized class of each full-precision one; exact types, since the pruned DiT is a SanaTransformer2DModel too.
 QUANTIZED_CLASSES: dict[type, type] = {
     SanaTransformer2DModel: QuantizedSanaTransformer2DModel,
