@@ -159,24 +159,35 @@ def update_card(card: Path, table: str, command: str) -> None:
 
 def install(source: Path, target: Path = bundled.TINY_SR) -> None:
     """Replace the shipped pipeline's files by those of `source` (configs and safetensors; the card stays), with
-    legacy module paths in model_index.json brought up to date, then check the result as any loaded folder is."""
+    legacy module paths in model_index.json brought up to date. The new files are assembled and checked (as any
+    loaded folder is) beside the target first, so a bad source leaves the shipped model as it was."""
     from sana_sr.model.components import check_pipeline_folder
 
-    files = [p for p in sorted(source.rglob("*")) if p.is_file() and (p.suffix in (".json", ".safetensors"))]
     if not (source / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} is not a pipeline folder (no model_index.json)")
-    for old in [p for p in target.iterdir() if p.is_dir()] + [target / "model_index.json"]:
-        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-    for path in files:
-        dest = target / path.relative_to(source)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    index = json.loads((target / "model_index.json").read_text())
+    staging = target.with_name(f".{target.name}.new")
+    shutil.rmtree(staging, ignore_errors=True)
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors"):
+            dest = staging / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+    index = json.loads((staging / "model_index.json").read_text())
     for key, value in index.items():
         if isinstance(value, list) and value and value[0] in LEGACY_MODULES:
             index[key] = [LEGACY_MODULES[value[0]], value[1]]
-    (target / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    check_pipeline_folder(target)
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    try:
+        check_pipeline_folder(staging)
+    except Exception:
+        shutil.rmtree(staging)
+        raise
+    for old in target.iterdir():
+        if old.name != "README.md":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    for new in staging.iterdir():
+        new.rename(target / new.name)
+    staging.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     print(table)
-    if args.card and args.model == "tiny-sr":
+    if args.card and args.model == "tiny-sr" and args.json == RESULTS:  # the card cites that file
         update_card(bundled.TINY_SR / "README.md", table, command)
     return 0
 
