@@ -1,5 +1,6 @@
 """What ships inside the package: the bundled photos with their captions and their train / held-back split, the
-real low-quality photos, the tiny preset's base weights and the config files (training YAMLs, DeepSpeed JSONs).
+real low-quality photos, the held-out evaluation crops, the tiny preset's base weights, the shipped tiny SR model
+and the config files (training YAMLs, DeepSpeed JSONs).
 
 Everything is found through the installed package (`importlib.resources`), never through a source checkout, so a
 regular `pip install` works from any working directory. Where the files come from: `sana_sr/assets/SOURCE.md`.
@@ -16,6 +17,10 @@ CONFIGS = PACKAGE / "configs"
 PHOTOS = ASSETS / "photos"
 REAL_LQ = ASSETS / "real_lq"
 TINY_BASE = ASSETS / "tiny-base"
+TINY_SR = ASSETS / "tiny-sr"
+"""The shipped trained tiny SR model (a SanaSRPipeline folder): the model name `tiny-sr`, the default of
+`sana-sr upscale` and `sana-sr evaluate`. Its card, with training command and numbers: `tiny-sr/README.md`."""
+HELD_OUT = ASSETS / "held_out"
 
 CAPTIONS: dict[str, str] = {
     "astronaut.png": "a photo of an astronaut, portrait, person, face",
@@ -33,6 +38,12 @@ def train_photos() -> list[Path]:
 
 def held_back_photos() -> list[Path]:
     return [PHOTOS / name for name in HELD_BACK]
+
+
+def held_out_photos() -> list[Path]:
+    """Crops of Set5 and Urban100 that nothing trains on (provenance: `assets/held_out/SOURCE.md`): the evaluation
+    set of the shipped model. Not the main job's held-back photo, which is a bundled training-domain photo."""
+    return sorted(HELD_OUT.glob("*.png"))
 
 
 def real_lq_photos() -> list[Path]:

@@ -21,7 +21,7 @@ def _peak_mib() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--lq", type=int, default=512, help="side of the square LQ input")
     parser.add_argument("--tile", type=int, default=1024, help="DiT tile in output px; 0: untiled DiT and AE")
     parser.add_argument("--ae-tile", type=int, default=512)

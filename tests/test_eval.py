@@ -120,7 +120,8 @@ def test_two_processes_score_every_image_once_with_the_same_numbers(runs):
 def test_outputs_describe_the_run(runs):
     out = runs["tmp"] / "two"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"]["spec"] == "tiny" and summary["model"]["preset"] == "tiny"
+    # No --model: the shipped trained model, not random weights.
+    assert summary["model"]["spec"] == "tiny-sr" and summary["model"]["preset"] is None
     assert summary["dataset"]["kind"] == "paired" and summary["dataset"]["images"] == 5
     assert summary["dataset"]["crop_border"] == 4
     assert summary["versions"]["torch"] and "CPU" in summary["run"]["device"]

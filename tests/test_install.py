@@ -57,9 +57,12 @@ def test_regular_install_runs_from_anywhere(installed, tmp_path):
     # The bundled configs, DeepSpeed JSONs and assets are package data.
     files = run(installed, "python", "-c",
                 "from sana_sr import bundled; print(bundled.config_file('tiny.yaml'), "
-                "bundled.config_file('deepspeed_zero2.json'), len(bundled.train_photos()), bundled.TINY_BASE)",
+                "bundled.config_file('deepspeed_zero2.json'), len(bundled.train_photos()), bundled.TINY_BASE); "
+                "print(len(bundled.held_out_photos()), *sorted(p.parent.name for p in bundled.TINY_SR.rglob('*.safetensors')))",
                 cwd=tmp_path)
     assert files.returncode == 0 and "site-packages" in files.stdout, files.stderr
+    # The shipped default model and the held-out crops are package data too: upscale below runs on them.
+    assert files.stdout.splitlines()[-1] == "10 default_prompt transformer vae", files.stdout
 
     photo = tmp_path / "in" / "photo.png"
     photo.parent.mkdir()

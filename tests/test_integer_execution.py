@@ -197,7 +197,7 @@ def test_execution_switch_is_checked(tiny_base, tmp_path):
     with pytest.raises(ValueError, match="execution must be"):
         SanaSRPipeline.from_pretrained(tmp_path, execution="int4")
     with pytest.raises(ValueError, match="needs a compressed pipeline folder"):
-        load_pipeline("tiny", execution="int")
+        load_pipeline("tiny-random", execution="int")
     tiny_base[0].save_pretrained(tmp_path / "fp")
     with pytest.raises(ValueError, match="needs a compressed pipeline folder"):
         SanaSRPipeline.from_pretrained(tmp_path / "fp", execution="int")

@@ -108,7 +108,7 @@ def _commands(unrelated: Path, model: Path, run_dir: Path, tmp: Path) -> dict[st
     return {
         "compress -o": ["compress", str(model), "-o", str(unrelated), "--method", "minmax"],
         "compress --work-dir": ["compress", str(model), "-o", str(tmp / "q"), "--work-dir", str(unrelated)],
-        "prune --out": ["prune", "tiny", "--out", str(unrelated), "--target-params", "0.5"],
+        "prune --out": ["prune", "tiny-random", "--out", str(unrelated), "--target-params", "0.5"],
         "publish --out": ["publish", str(run_dir), "--repo-id", "me/x", "--dry-run", "--out", str(unrelated)],
         "pretrain-tiny --out": ["pretrain-tiny", "--out", str(unrelated)],
         "pretrain-tiny --work-dir": ["pretrain-tiny", "--out", str(tmp / "base"), "--work-dir", str(unrelated)],
@@ -138,9 +138,9 @@ def test_commands_rerun_over_their_own_output(model, tmp_path, capsys):
     assert cli(args) == 0 and cli(args) == 0
     assert written_by(q) == "sana-sr compress" and not (tmp_path / "q.work").exists()
     pruned = tmp_path / "pruned"
-    args = ["prune", "tiny", "--out", str(pruned), "--target-params", "0.5", "--importance", "magnitude"]
+    args = ["prune", "tiny-random", "--out", str(pruned), "--target-params", "0.5", "--importance", "magnitude"]
     assert cli(args) == 0 and cli(args) == 0
-    assert json.loads((pruned / "pruning.json").read_text())["source"] == "tiny"
+    assert json.loads((pruned / "pruning.json").read_text())["source"] == "tiny-random"
     # Another command's output is not this one's: prune does not replace a compressed folder, unless told to.
     assert cli([*args[:2], "--out", str(q), *args[4:]]) == 2
     assert "written by sana-sr compress" in capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_cli_prunes_a_saved_pipeline(pipe, tmp_path, capsys):
     assert abs(report["relative_error"]) <= 0.02
     reloaded = SanaSRPipeline.from_pretrained(tmp_path / "pruned")
     assert [w.as_dict() for w in reloaded.transformer.widths] == report["widths_after"]
-    assert prune_main(["tiny", "--out", str(tmp_path / "x"), "--target-params", "half"]) == 2
+    assert prune_main(["tiny-random", "--out", str(tmp_path / "x"), "--target-params", "half"]) == 2
     assert prune_main(["sana-0.6b", "--out", str(tmp_path / "x"), "--target-params", "0.5",
                        "--importance", "taylor"]) == 2
     assert "meta device" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def test_loop_finetune_equals_compress_distill_bitwise(method, tmp_path):
 @pytest.mark.slow
 def test_compress_on_two_processes_synchronises(tmp_path):
     out = tmp_path / "q"
-    cmd = [*accelerate_launch(2, free_ports(1)[0], "sana_sr.cli"), "compress", "tiny", "-o", str(out),
+    cmd = [*accelerate_launch(2, free_ports(1)[0], "sana_sr.cli"), "compress", "tiny-random", "-o", str(out),
            "--method", "spr2q", "--steps", "4", "--routing-steps", "2", *CALIB]
     result = run(cmd, cwd=REPO)
     assert result.stdout.count("spr2q W4A4") == 1, result.stdout  # one report, from rank 0
@@ -64,7 +64,7 @@ def test_compress_on_two_processes_synchronises(tmp_path):
 
 @pytest.mark.slow
 def test_stopped_compress_resumes_to_the_same_bytes(tmp_path):
-    args = ["compress", "tiny", "--method", "compsrt", "--steps", "8", "--log-every", "1", *CALIB]
+    args = ["compress", "tiny-random", "--method", "compsrt", "--steps", "8", "--log-every", "1", *CALIB]
     entry = [sys.executable, "-m", "sana_sr.cli"]
     run([*entry, *args, "-o", str(tmp_path / "straight")], cwd=REPO)
 
@@ -86,7 +86,7 @@ def test_stopped_compress_resumes_to_the_same_bytes(tmp_path):
 def test_work_folder_of_another_run_is_refused(tmp_path, capsys):
     from sana_sr.quantization.compress import main
 
-    args = ["tiny", "-o", str(tmp_path / "q"), *CALIB]
+    args = ["tiny-random", "-o", str(tmp_path / "q"), *CALIB]
     work = tmp_path / "q.work"
     assert main([*args, "--method", "spr2q", "--steps", "0", "--routing-steps", "0", "--keep-work-dir"]) == 0
     assert (work / "run.json").is_file()

@@ -158,14 +158,14 @@ def test_compressed_folder_of_the_old_layout_says_to_recompress(tiny_pipe, tmp_p
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["tiny", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "missing")]) == 2
+    assert main(["tiny-random", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
-    assert main(["tiny", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "photos")]) == 2
+    assert main(["tiny-random", "-o", str(tmp_path / "q"), "--calib", str(tmp_path / "photos")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "skipping calibration image" in err[0] and "broken.png" in err[0]
     assert err[-1].startswith("error: no calibration image of at least 128x128 pixels among 1")
-    assert main(["tiny", "-o", str(tmp_path / "q"), "--wbits", "1"]) == 2
+    assert main(["tiny-random", "-o", str(tmp_path / "q"), "--wbits", "1"]) == 2
     assert "wbits must be in 2..8, got 1" in capsys.readouterr().err

@@ -3,7 +3,7 @@ LR-only folders.
 
     accelerate launch --multi_gpu --num_processes 8 eval/realsr.py --model PIPELINE --root RealSR -o runs/eval/realsr
     accelerate launch --multi_gpu --num_processes 8 -m sana_sr.cli evaluate --model PIPELINE --root RealSR -o ...
-    sana-sr evaluate --model tiny --lr my_lq_photos/ -o runs/eval/mine --device cpu
+    sana-sr evaluate --lr my_lq_photos/ -o runs/eval/mine --device cpu
 
 Writes per_image.csv, summary.json, results.md, grids/ (LQ | SR | HQ) and sr/ under the output folder.
 See docs/evaluation.md for the data layouts, the metrics and their conventions.
@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--name", help="dataset name in the reports")
     data.add_argument("--max-images", type=int, help="only the first N images (smoke runs)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    parser.add_argument("--model", default="tiny", help="preset (random weights), pipeline folder or hub id")
+    parser.add_argument("--model", default="tiny-sr",
+                        help="pipeline folder, hub id, tiny-sr (the shipped trained model, default) or PRESET-random "
+                             "(random weights, e.g. tiny-random for smoke runs)")
     parser.add_argument("--scale", type=int, help="upscaling factor (default: the model's)")
     parser.add_argument("--crop-border", type=int, help="PSNR/SSIM border crop (default: the scale)")
     parser.add_argument("--metrics", default="all",

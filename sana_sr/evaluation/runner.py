@@ -37,8 +37,8 @@ class EvalConfig:
 
     output: Path
     """Folder for per_image.csv, summary.json, results.md, grids/ and sr/."""
-    model: str = "tiny"
-    """Preset name (random weights), saved pipeline folder, or hub id."""
+    model: str = "tiny-sr"
+    """Saved pipeline folder, hub id, a shipped model (`tiny-sr`, the default) or `PRESET-random` (random weights)."""
     root: Path | None = None
     """Dataset folder holding an HR/LR pair of sub-folders (test_HR/test_LR, HR/LR, GT/LQ)."""
     hr: Path | None = None
@@ -178,10 +178,11 @@ def run(config: EvalConfig) -> int:
     """Evaluate; returns 0, or 1 when some images failed. Raises DatasetError / ValueError for bad input."""
     from tqdm import tqdm
 
-    from sana_sr.model.loading import load_pipeline
+    from sana_sr.model.loading import load_pipeline, resolve_model
 
     started = time.time()
     out = Path(config.output)
+    resolve_model(config.model)  # a bare preset name is refused before the output folder is claimed
     check_output(out, OWNER, overwrite=config.overwrite,
                  inputs=[config.model, config.root, config.hr, config.lr, config.div2k_gt])
     # The data are checked before the process group and the (possibly slow) model load whenever the scale is
@@ -262,11 +263,11 @@ def run(config: EvalConfig) -> int:
 def _write_reports(out: Path, config: EvalConfig, pipe, dataset: Dataset, samples: list, rows: list[dict],
                    suite: MetricSuite, scale: int, crop_border: int, world: int, device, started: float) -> None:
     """FID (needs the finished sr/ folder), then per_image.csv, summary.json and results.md. Main process only."""
-    from sana_sr.model.presets import PRESETS
+    from sana_sr.model.loading import random_preset
 
     set_values = suite.score_sets(out / "sr" if config.save_images else None, dataset.hr_dir)
     summary = {
-        "model": {"spec": config.model, "preset": config.model if config.model in PRESETS else None,
+        "model": {"spec": config.model, "preset": random_preset(config.model),
                   "lora": _has_lora(pipe), "dit_dtype": config.dtype, "upscale": scale},
         "dataset": {"name": dataset.name, "kind": dataset.kind, "lr_dir": str(dataset.lr_dir),
                     "hr_dir": str(dataset.hr_dir) if dataset.hr_dir else None, "scale": scale,
@@ -307,14 +308,14 @@ def _check_once(rows: list[dict], samples: list) -> None:
 
 
 def _saved_upscale(model: str) -> int | None:
-    """The model's upscale factor when it can be read without loading it (presets, local folders)."""
+    """The model's upscale factor when it can be read without loading it (random presets, local folders)."""
     import json
 
-    from sana_sr.model.presets import PRESETS
+    from sana_sr.model.loading import random_preset, resolve_model
 
-    if model in PRESETS:
+    if random_preset(model) is not None:
         return 4
-    index = Path(model) / "model_index.json"
+    index = Path(resolve_model(model)) / "model_index.json"
     if index.is_file():
         return int(json.loads(index.read_text()).get("upscale", 4))
     return None

@@ -288,9 +288,18 @@ def latency_markdown(result: dict) -> str:
     ])
 
 
+def architecture(model: str) -> str:
+    """What `--model` names, as meta_model reads it: a preset (bare, or `PRESET-random`: the cost does not depend on
+    the weight values, so a bare preset is fine here) or a folder (`tiny-sr` is the shipped one's)."""
+    from sana_sr.model.loading import random_preset, shipped_models
+
+    return random_preset(model) or str(shipped_models().get(model, model))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sana-sr cost", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sana-0.6b", help="preset or saved pipeline folder (default sana-0.6b)")
+    parser.add_argument("--model", default="sana-0.6b", help="preset (an architecture: no weights needed), saved pipeline folder, hub id or tiny-sr "
+                             "(default sana-0.6b)")
     parser.add_argument("--size", nargs="+", default=["512"], help="output sizes, N or WxH (default 512)")
     parser.add_argument("--output", type=Path, help="also write the Markdown here (atomically)")
     parser.add_argument("--json", type=Path, help="also write every number, per aten op, as JSON")
@@ -308,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sizes = [parse_size(s) for s in args.size]
-        model = meta_model(args.model)
+        source = architecture(args.model)
+        model = meta_model(source)
     except (ValueError, OSError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     latency = None
     if args.latency:
         h, w = sizes[0]
-        latency = measure_latency(args.model, (h // model.upscale, w // model.upscale), args.device, args.dtype,
+        latency = measure_latency(source, (h // model.upscale, w // model.upscale), args.device, args.dtype,
                                   args.ae_dtype or args.dtype, args.warmup, args.repeats)
         parts += ["", latency_markdown(latency)]
     text = "\n".join(parts) + "\n"

@@ -126,15 +126,54 @@ def load_text_encoder(source: str | os.PathLike):
     return AutoModel.from_pretrained(source, subfolder="text_encoder", dtype="auto"), tokenizer
 
 
-def load_pipeline(model: str | os.PathLike, execution: str = "fake-quant", **kwargs) -> SanaSRPipeline:
-    """`model` is a preset name (built at random), a saved (or compressed) pipeline folder, or a hub id of one.
+RANDOM_SUFFIX = "-random"
 
-    Folders and hub ids load through `SanaSRPipeline.from_pretrained`, which checks them first. execution="int"
-    runs a compressed folder on integer kernels (a preset or a full-precision folder is refused)."""
+
+def shipped_models() -> dict[str, Path]:
+    """Model names of the trained pipelines that ship inside the package."""
+    from sana_sr.bundled import TINY_SR
+
+    return {"tiny-sr": TINY_SR}
+
+
+def random_preset(model: str | os.PathLike) -> str | None:
+    """The preset of a model name `PRESET-random` (random weights, asked for by name), else None."""
     from sana_sr.model.presets import PRESETS
 
-    if str(model) in PRESETS:
+    name = str(model)
+    if name.endswith(RANDOM_SUFFIX) and name[: -len(RANDOM_SUFFIX)] in PRESETS:
+        return name[: -len(RANDOM_SUFFIX)]
+    return None
+
+
+def resolve_model(model: str | os.PathLike) -> str | os.PathLike:
+    """A shipped model's name -> its folder; a bare preset name -> ValueError naming the alternatives (a preset is
+    an architecture, and silently restoring with random weights is what this rule prevents); anything else as given.
+    """
+    from sana_sr.model.presets import PRESETS
+
+    name = str(model)
+    shipped = shipped_models()
+    if name in shipped:
+        return shipped[name]
+    if name in PRESETS:
+        trained = [n for n in shipped if n.startswith(f"{name}-")]
+        alternative = f"{trained[0]!r} (the shipped trained model)" if trained else "a pipeline folder or hub id"
+        raise ValueError(f"{name!r} is a preset (an architecture), not a model: use {alternative} or "
+                         f"'{name}{RANDOM_SUFFIX}' (random weights)")
+    return model
+
+
+def load_pipeline(model: str | os.PathLike, execution: str = "fake-quant", **kwargs) -> SanaSRPipeline:
+    """`model` is a saved (or compressed) pipeline folder, a hub id of one, a shipped model (`tiny-sr`), or
+    `PRESET-random` (the preset built with random weights; `kwargs` go to `build_pipeline`). A bare preset name is
+    refused: a model name never means random weights unless it says so.
+
+    Folders and hub ids load through `SanaSRPipeline.from_pretrained`, which checks them first. execution="int"
+    runs a compressed folder on integer kernels (random weights or a full-precision folder are refused)."""
+    preset = random_preset(model)
+    if preset is not None:
         if execution != "fake-quant":
-            raise ValueError(f"execution={execution!r} needs a compressed pipeline folder; {model!r} is a preset")
-        return build_pipeline(str(model), **kwargs)
-    return SanaSRPipeline.from_pretrained(model, execution=execution)
+            raise ValueError(f"execution={execution!r} needs a compressed pipeline folder; {model!r} is random weights")
+        return build_pipeline(preset, **kwargs)
+    return SanaSRPipeline.from_pretrained(resolve_model(model), execution=execution)

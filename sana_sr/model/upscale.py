@@ -39,7 +39,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="sana-sr upscale", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR", help="output folder")
-    parser.add_argument("--model", default="tiny", help="preset name, pipeline folder or hub id (default: tiny)")
+    parser.add_argument("--model", default="tiny-sr",
+                        help="pipeline folder, hub id, tiny-sr (the shipped trained model, default) or PRESET-random "
+                             "(random weights, e.g. tiny-random)")
     parser.add_argument("--scale", type=int, default=None, help="upscaling factor (default: the model's)")
     parser.add_argument("--prompt", default=None, help="text prompt (default: the model's stored default prompt)")
     parser.add_argument("--tile", type=int, default=1024, help="DiT tile side in output pixels; 0 disables tiling")
@@ -108,14 +110,32 @@ def restore_image(pipe, image: LoadedImage, scale: int, prompt: str | None, tili
     )
 
 
+def _load_quietly(model: str, execution: str):
+    """load_pipeline with diffusers' loading bars only on a terminal, like the per-image bar: stderr in a log or a
+    pipe then holds nothing but the one-line errors."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from sana_sr.model.loading import load_pipeline
+
+    shown = diffusers_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        diffusers_logging.disable_progress_bar()
+    try:
+        return load_pipeline(model, execution=execution)
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
-    from sana_sr.model.loading import load_pipeline
+    from sana_sr.model.loading import resolve_model
 
     try:
         tiling = check_arguments(args)
+        resolve_model(args.model)  # a bare preset name is refused before the output folder is made
         ours = claim_output(args.output)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -124,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(printable(f"error: cannot write into {args.output}: {e.strerror or e}"), file=sys.stderr)
         return 2
     try:
-        pipe = load_pipeline(args.model, execution=args.execution)
+        pipe = _load_quietly(args.model, args.execution)
     except (OSError, ValueError) as e:
         print(f"error: cannot load model {args.model!r}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -37,7 +37,8 @@ def parse_target(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sana-sr prune", description=__doc__.splitlines()[0])
-    p.add_argument("model", help="a saved SanaSRPipeline folder, or a preset (tiny, sana-0.6b, sana-1.6b)")
+    p.add_argument("model", help="a saved SanaSRPipeline folder, tiny-sr (the shipped model), PRESET-random (random "
+                                 "weights), or a bare preset (tiny, sana-0.6b, sana-1.6b): an architecture, see --weights")
     p.add_argument("--out", type=Path, required=True, help="the pruned pipeline folder to write")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-params", help="DiT parameters to keep: fraction (0.5, 50%%) or count (344M)")
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structures", default="heads,cross_heads,channels",
                    help="comma-separated: heads, cross_heads, channels, depth (default: the first three)")
     p.add_argument("--weights", choices=("random", "meta", "pretrained"),
-                   help="for a preset: default random for tiny, meta (shapes only) for the real sizes")
+                   help="for a bare preset: meta (shapes only, the default), pretrained, or random (the same as "
+                        "PRESET-random)")
     p.add_argument("--calib", nargs="*", default=None, help="calibration images or folders (default: bundled photos)")
     p.add_argument("--text-encoder", metavar="PRESET_OR_PATH",
                    help="where to load Gemma-2 from when the model has none (a trained pipeline usually has none): "
@@ -68,12 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(model: str, weights: str | None, device: str):
-    from sana_sr.model.loading import build_pipeline, load_pipeline
+    from sana_sr.model.loading import build_pipeline, load_pipeline, random_preset
     from sana_sr.model.presets import PRESETS
 
-    if model in PRESETS:
-        weights = weights or ("random" if model == "tiny" else "meta")
-        pipe = build_pipeline(model, weights=weights)
+    # A bare preset is an architecture here: a structural plan on the meta device needs no weights. Random values
+    # are built only when asked for by name (PRESET-random) or by --weights random, never by default.
+    preset = random_preset(model)
+    if preset is not None:
+        if weights not in (None, "random"):
+            raise ValueError(f"{model} names random weights; --weights {weights} contradicts it")
+        pipe = build_pipeline(preset, weights="random")
+    elif model in PRESETS:
+        pipe = build_pipeline(model, weights=weights or "meta")
     else:
         if weights is not None:
             raise ValueError(f"--weights applies to presets only; {model} is loaded as saved")

@@ -29,14 +29,14 @@ from compress import METHODS, QuantizeConfig, fp16_reference_bytes, quantize
 from compress.methods import snap_floats
 from sana_sr.atomic import atomic_file, check_apart, check_output, claim_folder, remove_owned, written_by
 from sana_sr.data.calibration_pairs import CalibrationBatch, calibration_batches
-from sana_sr.model.presets import PRESETS
 from sana_sr.quantization.components import as_quantized
 from sana_sr.quantization.sana import LatentRestorer, fold_timestep, install_matmul_sites, sana_rule
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sana-sr compress", description=__doc__.splitlines()[0])
-    p.add_argument("model", metavar="MODEL_DIR", help="pipeline folder, hub id or preset name")
+    p.add_argument("model", metavar="MODEL_DIR",
+                   help="pipeline folder, hub id, tiny-sr (the shipped model) or PRESET-random (random weights)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR", help="compressed pipeline folder")
     p.add_argument("--method", choices=METHODS, default="compsrt")
     p.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default 4)")
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
     from tqdm import tqdm
 
-    from sana_sr.model.loading import load_pipeline
+    from sana_sr.model.loading import load_pipeline, random_preset
     from sana_sr.quantization.finetune import FinetuneStopped, QuantLoopSettings, finetune_on_loop
     from sana_sr.quantization.folder import save_quantized_pipeline
 
@@ -186,7 +186,7 @@ def compress(args: argparse.Namespace, argv: list[str] | None) -> int:
         config = QuantizeConfig(method=args.method, wbits=args.wbits, abits=args.abits or None,
                                 act_granularity=args.act_granularity, float_dtype=args.float_dtype,
                                 seed=args.seed, trainer=partial(finetune_on_loop, settings=settings), **overrides)
-        preset_kwargs = dict(text_encoder=args.keep_text_encoder) if args.model in PRESETS else {}
+        preset_kwargs = dict(text_encoder=args.keep_text_encoder) if random_preset(args.model) else {}
         pipe = load_pipeline(args.model, **preset_kwargs)
         if not args.keep_text_encoder and pipe.text_encoder is not None:
             pipe.drop_text_encoder()  # the stored default prompt conditions calibration and the compressed pipeline
