@@ -22,6 +22,7 @@ def sana06():
     return cost.meta_model("sana-0.6b")
 
 
+@pytest.mark.slow
 def test_sana_06b_reproduces_the_design_numbers(sana06):
     """DESIGN.md §3/§8: encoder ≈153M, DiT ≈592M, decoder ≈159M; ≈647 + 158 + 1046 GMACs at 512² output."""
     costs = {c.name: c for c in cost.component_costs(sana06, 512, 512)}
@@ -66,6 +67,7 @@ def _independent_dit_count(transformer, latents, prompt_tokens: int) -> int:
     return total + cfg.num_layers * (linear + cross)
 
 
+@pytest.mark.slow
 def test_flop_counter_counts_every_product_of_the_dit(sana06):
     """FlopCounterMode on the meta device sees the linear attention and the SDPA cross-attention (as bmm)."""
     latents = torch.empty(1, 32, 16, 12, device="meta")
@@ -96,6 +98,7 @@ def _dit_macs(model, side: int) -> int:
         return_dict=False))[0]
 
 
+@pytest.mark.slow
 def test_dit_macs_are_linear_in_tokens_while_softmax_attention_is_quadratic():
     model = cost.meta_model("sana-0.6b")
     sides = (8, 16, 32, 64)  # latent sides: 64 .. 4096 tokens (256² .. 2048² output)
@@ -119,6 +122,7 @@ def test_dit_macs_are_linear_in_tokens_while_softmax_attention_is_quadratic():
     assert linear[-1] / linear[-2] < 4 < 5 < softmax[-1] / softmax[-2]
 
 
+@pytest.mark.slow
 def test_committed_cost_table_is_current(sana06):
     """docs/cost.md is the command's output: its table rows are what the code computes now."""
     expected = cost.markdown_table("sana-0.6b", sana06, cost.cost_rows(sana06, SIZES))
@@ -129,6 +133,7 @@ def test_committed_cost_table_is_current(sana06):
             assert line in committed, line
 
 
+@pytest.mark.slow
 def test_saved_model_costs_match_its_preset(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "model")
     saved = cost.cost_rows(cost.meta_model(str(tmp_path / "model")), [(64, 96)])[0]
@@ -138,6 +143,7 @@ def test_saved_model_costs_match_its_preset(tiny_pipe, tmp_path):
         assert saved["components"][name]["params"] == preset["components"][name]["params"], name
 
 
+@pytest.mark.slow
 def test_cost_command_with_cpu_latency(tmp_path, capsys):
     code = cost.main(["--model", "tiny", "--size", "96x64", "--latency", "--device", "cpu", "--warmup", "1",
                       "--repeats", "2", "--json", str(tmp_path / "cost.json"), "--output", str(tmp_path / "cost.md")])

@@ -85,6 +85,7 @@ def test_shards_holding_no_samples_and_an_epoch_without_batches_are_errors(monke
         next(Trainer.batches(trainer))
 
 
+@pytest.mark.slow
 def test_a_stuck_loader_worker_times_out_in_one_line(monkeypatch):
     fake_rank(monkeypatch, 0, 1)
     loader = make_loader("pipe:sleep 20", LoaderConfig(num_workers=1, crop_size=CROP, batch_size=2, timeout_s=2,

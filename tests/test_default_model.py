@@ -40,6 +40,7 @@ def _read(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.float64)
 
 
+@pytest.mark.slow
 def test_upscale_without_model_uses_the_shipped_weights(shipped, tmp_path):
     photo = tmp_path / "in" / "photo.png"
     photo.parent.mkdir()
@@ -99,6 +100,7 @@ def test_bare_preset_name_is_refused_naming_both_alternatives(tmp_path, capsys):
         load_pipeline("sana-0.6b")
 
 
+@pytest.mark.slow
 def test_shipped_model_beats_bicubic_on_set5_x4(shipped):
     from sana_sr.evaluation.metrics.fidelity import psnr_y, to_8bit_levels
     from sana_sr.model.pipeline import bicubic_upsample

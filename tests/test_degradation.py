@@ -88,6 +88,7 @@ def test_jpeg_agrees_with_libjpeg(quality):
     assert torch.equal(ours, (ours * 255).round() / 255)
 
 
+@pytest.mark.slow
 def test_jpeg_q30_leaves_8x8_block_artefacts():
     hq = photos()
     lq = run_chain(replace(QUIET, jpeg_range=(30, 30), jpeg_range2=(30, 30)), hq)
@@ -96,6 +97,7 @@ def test_jpeg_q30_leaves_8x8_block_artefacts():
     assert blockiness(run_chain(QUIET, hq)) < blockiness(lq)
 
 
+@pytest.mark.slow
 def test_blur_removes_high_frequencies():
     hq = photos()
     blurred = run_chain(QUIET, hq, kernel1=gaussian_kernel(21, 2.0))
@@ -108,6 +110,7 @@ def test_blur_removes_high_frequencies():
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "poisson"])
+@pytest.mark.slow
 def test_noise_raises_variance_in_flat_regions(kind):
     hq = photos()
     if kind == "gaussian":
@@ -129,6 +132,7 @@ def test_noise_raises_variance_in_flat_regions(kind):
         assert (12 / 255) ** 2 < added < (2 * 20**2) / 255**2
 
 
+@pytest.mark.slow
 def test_default_chain_is_reproducible_and_rounded_to_8_bits():
     config = replace(DegradationConfig(), queue_size=0)
     hq = photos()
@@ -148,6 +152,7 @@ def test_default_chain_is_reproducible_and_rounded_to_8_bits():
     assert float((pool(outs[0], 8) - pool(bicubic, 8)).abs().mean()) < 0.08
 
 
+@pytest.mark.slow
 def test_separable_usm_equals_the_dense_51x51_one_and_sharpens():
     hq = photos(128)
     fast = usm_sharpen(hq, separable=True)

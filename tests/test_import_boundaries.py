@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,6 +40,7 @@ def _run(code: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_importing_every_compress_module_loads_no_sana_sr_module():
     modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
                      for p in (ROOT / "compress").rglob("*.py"))
@@ -45,6 +48,7 @@ def test_importing_every_compress_module_loads_no_sana_sr_module():
          "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'sana_sr')\nassert not bad, bad")
 
 
+@pytest.mark.slow
 def test_the_pruned_dit_class_loads_without_torch_pruning():
     # torch-pruning is the optional `compress` extra: loading (not making) a pruned folder must not need it.
     _run("import sys\nsys.modules['torch_pruning'] = None\n"

@@ -172,6 +172,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     pytest.param("compsrt", 4, 4, marks=pytest.mark.slow),
     pytest.param("spr2q", 2, 4, marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 def test_tiny_pipeline_integer_matches_fake_quant(tiny_base, tmp_path, method, wbits, abits, caplog):
     from sana_sr import SanaSRPipeline
 
@@ -203,6 +204,7 @@ def test_execution_switch_is_checked(tiny_base, tmp_path):
         SanaSRPipeline.from_pretrained(tmp_path / "fp", execution="int")
 
 
+@pytest.mark.slow
 def test_upscale_runs_on_integer_kernels(tiny_base, tmp_path, capsys):
     from PIL import Image
 

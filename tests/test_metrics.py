@@ -42,6 +42,7 @@ def _degradations(im: Image.Image, seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("photo", PHOTOS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_psnr_ssim_match_scikit_image_on_degraded_photos(photo):
     with Image.open(photo) as im:
         im = im.convert("RGB")
@@ -115,6 +116,7 @@ def test_niqe_params_are_the_shipped_basicsr_file():
     assert hashlib.sha256(params_path().read_bytes()).hexdigest().startswith("2a7c182a68c9e7f1")
 
 
+@pytest.mark.slow
 def test_niqe_rises_with_degradation_on_real_photos():
     rng = np.random.default_rng(2)
     for photo in PHOTOS:

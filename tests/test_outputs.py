@@ -131,6 +131,7 @@ def test_an_unrelated_folder_survives_every_command(command, unrelated, model, r
     assert snapshot(unrelated) == before and not (unrelated / MARKER).exists()
 
 
+@pytest.mark.slow
 def test_commands_rerun_over_their_own_output(model, tmp_path, capsys):
     q = tmp_path / "q"
     args = ["compress", str(model), "-o", str(q), "--method", "minmax", "--wbits", "8", "--abits", "0",

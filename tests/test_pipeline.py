@@ -36,6 +36,7 @@ def test_operating_point_is_the_release_one(tiny_pipe):
     assert tiny_pipe.timestep == pytest.approx(250.0)
 
 
+@pytest.mark.slow
 def test_save_load_is_bit_identical(tiny_pipe, lq_photo, tmp_path):
     expected = tiny_pipe(lq_photo, prompt="a photo of a cat")
     tiny_pipe.save_pretrained(tmp_path / "pipe")
@@ -56,6 +57,7 @@ def test_save_load_is_bit_identical(tiny_pipe, lq_photo, tmp_path):
     assert torch.equal(loaded(lq_photo, prompt="a photo of a cat"), expected)
 
 
+@pytest.mark.slow
 def test_lora_changes_output_and_merges_to_float_tolerance(tiny_pipe, lq_photo, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     with_lora = SanaSRPipeline.from_pretrained(tmp_path / "pipe")
@@ -84,6 +86,7 @@ def test_lora_file_is_a_standard_peft_adapter(tiny_pipe, tmp_path):
             torch.testing.assert_close(dict(fresh.named_parameters())[name], param)
 
 
+@pytest.mark.slow
 def test_pretrained_path_loads_hub_layout_through_from_pretrained(tiny_pipe, lq_photo, tmp_path):
     """The real presets load `vae_id` and `base_id/{transformer,text_encoder,tokenizer}`; run that path on tiny."""
     tiny_pipe.vae.save_pretrained(tmp_path / "dc-ae")
@@ -101,6 +104,7 @@ def test_preset_without_weights_says_so():
         build_pipeline(unpublished, weights="pretrained")
 
 
+@pytest.mark.slow
 def test_stored_default_prompt_equals_encoding_the_null_prompt(lq_photo):
     pipe = build_pipeline("tiny")
     with_encoder = pipe(lq_photo, prompt="")
@@ -114,6 +118,7 @@ def test_stored_default_prompt_equals_encoding_the_null_prompt(lq_photo):
                                build_pipeline("tiny")(lq_photo, prompt="a dog"), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_one_step_formula_against_hand_computation(lq_photo):
     """A DiT whose velocity is a known constant c: the output must be decode(encode(bicubic(x)) - sigma* c)."""
     pipe = build_pipeline("tiny")
@@ -137,6 +142,7 @@ def test_one_step_formula_against_hand_computation(lq_photo):
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_batched_equals_one_by_one(tiny_pipe):
     from .conftest import load_photo
 

@@ -152,6 +152,7 @@ def test_unknown_component_and_pipeline_class_are_refused(good, tmp_path):
     _refused(folder, "names pipeline \\['pipeline', 'EvilPipeline'\\], not 'SanaSRPipeline'")
 
 
+@pytest.mark.slow
 def test_folders_this_project_writes_load(good, tiny_pipe, tmp_path, lq_photo):
     """A saved pipeline (LoRA, text encoder, tokenizer) and a pruned one; compressed ones: tests/test_sana_compress."""
     loaded = SanaSRPipeline.from_pretrained(good)
@@ -231,6 +232,7 @@ def test_hub_repo_is_checked_before_its_weights_are_downloaded(hub, marker):
     assert not list(hub.cache.rglob("*.safetensors")) and not marker.exists()
 
 
+@pytest.mark.slow
 def test_hub_repo_loads_without_its_code_or_pickles(hub, tiny_pipe, lq_photo):
     (hub.remote / "transformer" / f"{EVIL_MODULE}.py").write_text(_evil_source())
     (hub.remote / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"never fetched")

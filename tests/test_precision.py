@@ -82,6 +82,7 @@ def _lora_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_checkpointing_recomputes_the_frozen_prior_pass_with_the_adapter_off():
     """Plain checkpointing recomputes the adapter-disabled pass with the adapter on, and torch stops; this one
     gives the gradients of a run without checkpointing."""

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from sana_sr.model.loading import build_pipeline
@@ -14,6 +15,7 @@ from sana_sr.model.loading import build_pipeline
 from .train_helpers import train_env
 
 
+@pytest.mark.slow
 def test_pretrain_tiny_writes_a_loadable_base(tmp_path, lq_photo):
     out = tmp_path / "base"
     cmd = [sys.executable, "-m", "sana_sr.cli", "pretrain-tiny", "--out", str(out), "--ae-steps", "6",

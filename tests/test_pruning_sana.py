@@ -46,6 +46,7 @@ def _restore(p, batches):
         return p(batches[0].lq, prompt=batches[0].prompts)
 
 
+@pytest.mark.slow
 def test_tiny_dit_to_half_its_parameters_reloads_bit_identical(pipe, batches, taylor, tmp_path):
     p = copy.deepcopy(pipe)
     report = prune_pipeline(p, PruneSettings(target_params=0.5, importance="taylor"), batches, scores=taylor)
@@ -71,6 +72,7 @@ def test_tiny_dit_to_half_its_parameters_reloads_bit_identical(pipe, batches, ta
 
 
 @pytest.mark.parametrize("structure", ["heads", "cross_heads", "channels", "depth"])
+@pytest.mark.slow
 def test_each_structure_alone(pipe, batches, taylor, structure):
     p = copy.deepcopy(pipe)
     report = prune_pipeline(p, PruneSettings(target_params=0.92, structures=(structure,)), batches, scores=taylor)
@@ -85,6 +87,7 @@ def test_each_structure_alone(pipe, batches, taylor, structure):
     assert bool(torch.isfinite(_restore(p, batches)).all())
 
 
+@pytest.mark.slow
 def test_prompt_aware_and_null_prompt_importance_differ(pipe, batches, taylor):
     assert len({t for b in batches for t in b.prompts}) > 1 and all(t for b in batches for t in b.prompts)
     null = importance_scores(copy.deepcopy(pipe), "taylor-null", batches)
@@ -96,6 +99,7 @@ def test_prompt_aware_and_null_prompt_importance_differ(pipe, batches, taylor):
     assert any(not torch.allclose(a, b, rtol=1e-2) for a, b in cross)  # what reads the prompt is scored differently
 
 
+@pytest.mark.slow
 def test_mac_target_and_lora_merged_first(tiny_pipe, batches):
     p = copy.deepcopy(tiny_pipe)  # carries a (randomised) LoRA adapter: merged before pruning
     report = prune_pipeline(p, PruneSettings(target_macs=0.5, importance="magnitude", channel_multiple=4), batches)
@@ -115,6 +119,7 @@ def test_settings_and_targets_are_checked():
         PruneSettings(target_params=0.5, structures=("width",))
 
 
+@pytest.mark.slow
 def test_cli_prunes_a_saved_pipeline(pipe, tmp_path, capsys):
     pipe.save_pretrained(tmp_path / "base")
     assert prune_main([str(tmp_path / "base"), "--out", str(tmp_path / "pruned"), "--target-params", "60%",
@@ -129,6 +134,7 @@ def test_cli_prunes_a_saved_pipeline(pipe, tmp_path, capsys):
     assert "meta device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sana_06b_dit_to_344m_params_on_the_meta_device(tmp_path):
     """The paper's size, structurally (uniform plan: no weight values on the meta device); docs/pruning.md agrees."""
     out = tmp_path / "sana-0.6b-344m"
@@ -143,6 +149,7 @@ def test_sana_06b_dit_to_344m_params_on_the_meta_device(tmp_path):
     assert float(row.group(2).replace(",", "")) == pytest.approx(costs["dit"].macs / 1e9, abs=0.01)
 
 
+@pytest.mark.slow
 def test_a_lora_on_the_pruned_dit_saves_and_reloads(pipe, batches, tmp_path):
     """The recovery fine-tune may train a LoRA on the pruned DiT: the adapter rides along like on the unpruned one."""
     from sana_sr import LoraSettings
@@ -172,6 +179,7 @@ def test_calibration_pairs_are_seeded_real_crops_with_prompts():
         calibration_batches(crop=30)
 
 
+@pytest.mark.slow
 def test_a_pruned_pipeline_compresses_and_reloads(pipe, tmp_path):
     """prune -> compress -> load_pipeline: the packed loader rebuilds the pruned widths, not the preset's."""
     from sana_sr.model.loading import load_pipeline

@@ -192,6 +192,7 @@ def test_magnitude_scores_follow_the_weights():
     assert isinstance(model.transformer_blocks[0].ff, type(tiny_dit().transformer_blocks[0].ff))  # merged back
 
 
+@pytest.mark.slow
 def test_taylor_scores_every_unit_and_block():
     model = tiny_dit()
     x = inputs(model)

@@ -42,6 +42,7 @@ def _outputs(folder, lq):
         return pipe(lq)
 
 
+@pytest.mark.slow
 def test_dry_run_needs_no_token_and_the_folder_reloads_to_the_run_outputs(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored login either

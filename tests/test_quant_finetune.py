@@ -21,6 +21,7 @@ CALIB = ["--calib-count", "8", "--calib-size", "64", "--batch-size", "2"]
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "minmax"])
+@pytest.mark.slow
 def test_loop_finetune_equals_compress_distill_bitwise(method, tmp_path):
     """One process: the training loop runs exactly compress.finetune.distill's fine-tune (loss, Adam, cosine, clip)."""
     config = dict(method=method, wbits=3, abits=4, steps=5, routing_steps=3, rank=2)
@@ -83,6 +84,7 @@ def test_stopped_compress_resumes_to_the_same_bytes(tmp_path):
         assert (out / component / "weights.safetensors").read_bytes() == straight, component
 
 
+@pytest.mark.slow
 def test_work_folder_of_another_run_is_refused(tmp_path, capsys):
     from sana_sr.quantization.compress import main
 

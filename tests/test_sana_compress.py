@@ -26,6 +26,7 @@ def calib(tiny_pipe):
     return latent_batches(tiny_pipe, pairs)
 
 
+@pytest.mark.slow
 def test_matmul_sites_and_folding_leave_the_model_unchanged(tiny_pipe, calib):
     restorer = LatentRestorer.from_pipeline(copy.deepcopy(tiny_pipe))
     batch = calib[0]
@@ -55,6 +56,7 @@ def test_tiny_model_file_is_smaller_than_fp16(tiny_pipe, calib, wbits, abits, ra
     assert on_disk <= export_size(tmp_path / "together")
 
 
+@pytest.mark.slow
 def test_cli_compresses_reloads_exactly_and_upscales(tiny_pipe, tmp_path, capsys, monkeypatch):
     model_dir, out_dir = tmp_path / "model", tmp_path / "q"
     tiny_pipe.save_pretrained(model_dir)  # with its (non-trivial) LoRA adapter, merged by the command
@@ -99,6 +101,7 @@ def test_cli_compresses_reloads_exactly_and_upscales(tiny_pipe, tmp_path, capsys
     assert Image.open(tmp_path / "sr" / "lq.png").size == (96, 64)
 
 
+@pytest.mark.slow
 def test_compress_in_memory_equals_reloaded(tiny_pipe, calib, tmp_path):
     pipe = copy.deepcopy(tiny_pipe)
     config = QuantizeConfig(method="compsrt", wbits=4, abits=4, steps=2)
@@ -112,6 +115,7 @@ def test_compress_in_memory_equals_reloaded(tiny_pipe, calib, tmp_path):
         assert torch.equal(pipe(lq), reloaded(lq))
 
 
+@pytest.mark.slow
 def test_compressed_pruned_dit_is_its_own_class_and_reloads_exactly(calib, tmp_path):
     """A compressed folder of a pruned DiT (fewer blocks, heads and channels) names the pruned quantized class,
     whose config alone rebuilds the pruned shapes under the packed export."""

@@ -87,6 +87,7 @@ def run_ranks(monkeypatch, spec, epochs=(0,), **config) -> dict[int, list[list[d
     return result
 
 
+@pytest.mark.slow
 def test_resampled_gives_every_rank_the_same_number_of_full_batches(monkeypatch, uneven):
     folder, _ = uneven
     runs = run_ranks(monkeypatch, folder, epochs=(0, 1), batch_size=4, shuffle_buffer=10)
@@ -112,6 +113,7 @@ def test_exact_mode_reads_each_sample_once_with_equal_batch_counts(monkeypatch, 
     assert runs[0][0][-1]["hq"].shape[1:] == (3, CROP, CROP)
 
 
+@pytest.mark.slow
 def test_resampled_sample_frequencies_are_uniform(monkeypatch, uneven):
     """Chi-square at the 0.001 level. Shards are drawn uniformly and read whole, so every sample of a shard has the
     same count: the test is on the per-shard count (samples seen / shard size), S - 1 = 4 degrees of freedom."""

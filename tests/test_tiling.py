@@ -44,6 +44,7 @@ def test_blending_is_a_partition_of_unity():
     assert window.min() > 0 and window[8, 8] == window.max()
 
 
+@pytest.mark.slow
 def test_tiling_that_covers_the_image_is_the_untiled_path(tiny_pipe, lq_photo):
     untiled = tiny_pipe(lq_photo)
     tiled = tiny_pipe(lq_photo, tiling=TileSettings(tile=1024, overlap=256, ae_tile=512, ae_overlap=64))

@@ -71,6 +71,7 @@ def test_batch_arithmetic_is_checked_with_the_numbers():
         optim.accumulation(world_size=3)
 
 
+@pytest.mark.slow
 def test_entry_point_rejects_a_bad_override_in_one_line():
     result = subprocess.run([sys.executable, "-m", "sana_sr.train", "optim.lrr=1"], capture_output=True, text=True,
                             env=train_env(), cwd=REPO, timeout=120)

@@ -80,6 +80,7 @@ def test_output_never_overwrites_an_input(tmp_path, capsys):
     assert (folder / "rgb8.png").read_bytes() == original
 
 
+@pytest.mark.slow
 def test_format_option_and_all_good_exit_zero(tmp_path):
     folder = tmp_path / "photos"
     write_zoo(folder)
@@ -128,6 +129,7 @@ def test_malformed_corpus_one_line_each_and_every_good_file_done(tmp_path, capsy
     assert all(p.read_bytes() == data for p, data in before.items())  # inputs untouched
 
 
+@pytest.mark.slow
 def test_an_unrelated_folder_keeps_its_files_and_reruns_replace_their_own(tmp_path, capsys):
     folder = tmp_path / "photos"
     write_zoo(folder)
