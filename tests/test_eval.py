@@ -224,7 +224,6 @@ def test_public_naming_conventions_pair_up(tmp_path):
         paired_dataset(tmp_path / "HR", tmp_path / "LR", 4)
 
 
-@pytest.mark.slow
 def test_div2k_val_lq_is_generated_once_per_seed_and_cached(tmp_path, monkeypatch):
     """The real Real-ESRGAN degradation, seeded per image: generated once, cached, regenerated only when stale."""
     from sana_sr.evaluation import div2k

@@ -83,3 +83,24 @@ def test_shipped_configs_load():
     for name in ("sana_0.6b.yaml", "sana_1.6b.yaml", "tiny.yaml"):
         config = load_config(REPO / "sana_sr" / "configs" / name)
         assert config.optim.global_batch_size % config.optim.micro_batch_size == 0
+
+
+def test_preflight_passes_a_good_job_and_names_the_numbers_of_a_bad_one(tmp_path, capsys):
+    """The job script's check before N trainers start: too few shards for the readers is one line with the numbers."""
+    import json
+
+    from sana_sr.train.preflight import main as preflight
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(4):
+        (shards / f"shard-{i:06d}.tar").write_bytes(b"")
+    (shards / "sizes.json").write_text(json.dumps({f"shard-{i:06d}.tar": 10 for i in range(4)}))
+    config = str(REPO / "sana_sr" / "configs" / "tiny.yaml")
+    assert preflight(["--world", "2", config, f"data.shards={shards}", "data.workers=2"]) == 0
+    assert capsys.readouterr().err == ""
+    assert preflight(["--world", "2", config, f"data.shards={shards}", "data.workers=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 shards" in err[0] and "8 readers" in err[0] and "--max-count 5" in err[0], err
+    assert preflight(["--world", "2", config]) == 2  # no data.shards
+    assert "data.shards is empty" in capsys.readouterr().err
