@@ -18,11 +18,9 @@ from .train_helpers import REPO
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_pipe, tmp_path_factory):
-    """A run folder as the main job leaves it: the trained pipeline, its config, an evaluation, a compressed variant."""
-    from sana_sr.quantization.compress import main as compress
-
-    run = tmp_path_factory.mktemp("run")
+def trained_run(tiny_pipe, tmp_path_factory):
+    """A run folder with the trained pipeline, its config and an evaluation (no compressed variant: quick)."""
+    run = tmp_path_factory.mktemp("trained-run")
     tiny_pipe.save_pretrained(run / "train" / "final" / "pipeline")
     (run / "train" / "config.yaml").write_text("model:\n  preset: tiny\n")
     (run / "eval" / "trained").mkdir(parents=True)
@@ -30,6 +28,18 @@ def run_dir(tiny_pipe, tmp_path_factory):
         '{"dataset": {"name": "held-back"}, "metrics": {"psnr": {"mean": 24.5, "higher_is_better": true, '
         '"images": 1}}}'
     )
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained_run, tmp_path_factory):
+    """A run folder as the main job leaves it: the trained run plus a compressed variant."""
+    import shutil
+
+    from sana_sr.quantization.compress import main as compress
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(trained_run, run)
     assert compress([str(run / "train" / "final" / "pipeline"), "-o", str(run / "compress" / "compsrt-w4a4"),
                      "--calib-count", "4", "--calib-size", "32", "--batch-size", "2", "--steps", "2"]) == 0
     return run
@@ -64,6 +74,7 @@ def test_dry_run_needs_no_token_and_the_folder_reloads_to_the_run_outputs(run_di
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_model_card_validates(run_dir, tmp_path):
     main([str(run_dir), "--repo-id", "me/sana-sr-tiny", "--out", str(tmp_path / "p"), "--dry-run",
           "--dataset", "me/photos"])
@@ -103,9 +114,9 @@ def test_upload_without_network_fails_in_one_line_and_keeps_the_token_secret(run
     assert missing.returncode == 1 and "no Hugging Face token" in missing.stderr
 
 
-def test_bad_arguments_are_one_line(run_dir, capsys):
-    assert main([str(run_dir), "--repo-id", "not a repo", "--dry-run"]) == 1
-    assert main([str(run_dir), "--repo-id", "me/x", "--variant", "w2a2", "--dry-run"]) == 1
+def test_bad_arguments_are_one_line(trained_run, capsys):
+    assert main([str(trained_run), "--repo-id", "not a repo", "--dry-run"]) == 1
+    assert main([str(trained_run), "--repo-id", "me/x", "--variant", "w2a2", "--dry-run"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not ORG/NAME" in err[0] and "variant 'w2a2' not in run" in err[1]
 
@@ -138,7 +149,7 @@ class FakeHub:
         return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
 
 
-def test_private_upload_onto_a_public_repo_is_refused_and_the_token_stays_secret(run_dir, tmp_path, monkeypatch,
+def test_private_upload_onto_a_public_repo_is_refused_and_the_token_stays_secret(trained_run, tmp_path, monkeypatch,
                                                                                  capsys):
     import huggingface_hub
 
@@ -149,7 +160,7 @@ def test_private_upload_onto_a_public_repo_is_refused_and_the_token_stays_secret
     FakeHub.calls = []
 
     def publish(repo: str, *flags: str) -> tuple[int, list[str]]:
-        code = main([str(run_dir), "--repo-id", repo, "--variant", "lora", "--out", str(tmp_path / repo), *flags])
+        code = main([str(trained_run), "--repo-id", repo, "--variant", "lora", "--out", str(tmp_path / repo), *flags])
         captured = capsys.readouterr()
         assert token not in captured.out + captured.err
         return code, captured.err.strip().splitlines()
