@@ -118,9 +118,11 @@ def _means(scores: dict[str, dict]) -> dict[str, float]:
 @torch.no_grad()
 def restore_real_lq(pipes: dict[str, SanaSRPipeline], photos: list[Path], out: Path) -> None:
     """out/STEM_lq.png, STEM_bicubic.png and STEM_NAME.png for each pipeline: real LQ photos with no reference."""
+    if not pipes:
+        return
+    scale = next(iter(pipes.values())).config.upscale
     for path in photos:
         lq = torch.from_numpy(load_image(path).rgb).permute(2, 0, 1)[None]
-        scale = next(iter(pipes.values())).config.upscale
         _save(out / f"{path.stem}_lq.png", _array(lq))
         _save(out / f"{path.stem}_bicubic.png",
               _array(bicubic_upsample(lq, lq.shape[2] * scale, lq.shape[3] * scale)))
