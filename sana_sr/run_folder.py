@@ -6,8 +6,9 @@
     prune/pruned/                           the pruned pipeline, before its fine-tune
     prune/finetune/final/pipeline/          the pruned pipeline after its distillation fine-tune
     compress/NAME/                          compressed pipelines (`sana-sr compress`)
+    eval-photos/{hr,lr}/PROTOCOL/           the held-out crops and their LQ, one folder per LQ protocol
     eval/NAME/summary.json                  evaluations (`eval/realsr.py`), one folder per variant
-    restore/scores.json                     every variant and bicubic on the same degraded photos
+    restore/scores.json                     every variant and bicubic on the same LQ photos
     cost.md  publish/VARIANT/  report/  timings.json
 
 A training output_dir on its own (final/pipeline at its top) is a run folder too: `trained` finds it.
@@ -85,14 +86,9 @@ class RunFolder:
         return sorted((self.root / "eval").glob("*/summary.json"))
 
     @property
-    def eval_gt(self) -> Path:
-        """The held-back crops the evaluation stage scores (written once)."""
-        return self.root / "eval-gt"
-
-    @property
-    def eval_cache(self) -> Path:
-        """LQ made once from eval_gt by the degradation (eval/realsr.py --cache)."""
-        return self.root / "eval-cache"
+    def eval_photos(self) -> Path:
+        """The held-out crops the evaluation stage scores, hr/PROTOCOL/ and lr/PROTOCOL/ (written once)."""
+        return self.root / "eval-photos"
 
     @property
     def restore(self) -> Path:

@@ -152,6 +152,24 @@ def test_default_chain_is_reproducible_and_rounded_to_8_bits():
     assert float((pool(outs[0], 8) - pool(bicubic, 8)).abs().mean()) < 0.08
 
 
+def test_bicubic_prob_swaps_whole_rows_for_the_plain_bicubic_downscale():
+    hq = photos(64)
+    plain = (torch.nn.functional.interpolate(hq, size=(16, 16), mode="bicubic", antialias=True).clamp(0, 1) * 255
+             ).round() / 255
+    config = replace(DegradationConfig(), queue_size=0)
+    draws = [draw_kernels(np.random.default_rng(i), config) for i in range(4)]
+    batch = {"hq": hq, **{k: torch.stack([torch.from_numpy(d[k]) for d in draws]) for k in draws[0]}}
+    chains = {p: RealESRGANDegradation(replace(config, bicubic_prob=p)) for p in (0.0, 0.5, 1.0)}
+    swapped = {p: chain(dict(batch), torch.Generator().manual_seed(1))[0] for p, chain in chains.items()}
+    assert torch.equal(swapped[1.0], plain)
+    assert not any(torch.equal(swapped[0.0][i], plain[i]) for i in range(4))
+    # Each row is either the full chain's LQ or the plain one; the default (0) draws nothing, so old seeds hold.
+    mixed = [torch.equal(swapped[0.5][i], plain[i]) for i in range(4)]
+    assert all(m or torch.equal(swapped[0.5][i], swapped[0.0][i]) for i, m in enumerate(mixed))
+    with pytest.raises(ValueError, match="bicubic_prob"):
+        DegradationConfig(bicubic_prob=1.5)
+
+
 @pytest.mark.slow
 def test_separable_usm_equals_the_dense_51x51_one_and_sharpens():
     hq = photos(128)

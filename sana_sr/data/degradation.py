@@ -202,6 +202,11 @@ class RealESRGANDegradation:
         out = filter2d(F.interpolate(out, size=(h // c.scale, w // c.scale), mode=mode), ks)
         if jpeg_last:
             out = self._jpeg(out, gen, c.jpeg_range2)
+        if c.bicubic_prob > 0:  # drawn only when asked, so that the LQ of every existing seed stays the same
+            rows = (self._uniform(gen, 0.0, 1.0, n=hq.shape[0]) < c.bicubic_prob).to(out.device)
+            plain = F.interpolate(hq, size=(h // c.scale, w // c.scale), mode="bicubic", antialias=True,
+                                  align_corners=False).clamp(0, 1)
+            out = torch.where(rows.view(-1, 1, 1, 1), plain, out)
         return (out * 255.0).round().clamp(0, 255) / 255.0
 
     @torch.no_grad()

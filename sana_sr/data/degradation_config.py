@@ -87,6 +87,9 @@ class DegradationConfig:
     """Second-stage JPEG quality range."""
     resize_modes: tuple[str, ...] = ("area", "bilinear", "bicubic")
     """Interpolation modes, drawn uniformly for each resize."""
+    bicubic_prob: float = 0.0
+    """Probability that a row's LQ is instead the plain x`scale` downsampling of its GT (antialiased bicubic, 8-bit
+    levels): a fine-tune of a model trained on clean bicubic LQ (the shipped `tiny-sr`) then keeps that skill."""
 
     queue_size: int = 180
     """Training-pair pool that mixes degradations across batches (Real-ESRGAN: 180); 0 turns it off. Rounded down

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from sana_sr.atomic import atomic_directory
+from sana_sr.evaluation.photos import PROTOCOLS
 from sana_sr.run_folder import RunFolder
 from sana_sr.train.tracking import read_metrics
+
+PROTOCOL_TEXT = {"degraded": "the training degradation (light Real-ESRGAN, fixed seeds)",
+                 "bicubic": "plain bicubic x4 downsampling"}
 
 
 def _pyplot():
@@ -54,17 +59,24 @@ def loss_curves(runs: dict[str, Path], png: Path) -> None:
     plt.close(fig)
 
 
+def gain(entry: dict, protocol: str, subset: str) -> float:
+    """Mean PSNR-Y gain (dB) of a scored variant over bicubic on the same LQ."""
+    mean = entry[protocol][f"{subset}_mean"]
+    return mean["psnr_sr"] - mean["psnr_bicubic"]
+
+
 def quality_vs_size(scores: dict, png: Path) -> None:
-    """Held-back PSNR-Y of every variant against its weight bytes; bicubic as a horizontal line."""
+    """Held-out gain over bicubic of every variant against its weight bytes, one marker per LQ protocol."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=110)
-    for name, entry in scores.items():
-        mib, psnr = entry["bytes"] / 2**20, entry["held_back_mean"]["psnr_sr"]
-        ax.scatter(mib, psnr)
-        ax.annotate(name, (mib, psnr), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    bicubic = next(iter(scores.values()))["held_back_mean"]["psnr_bicubic"]
-    ax.axhline(bicubic, color="grey", linestyle="--", label=f"bicubic {bicubic:.2f} dB")
-    ax.set(xscale="log", xlabel="weights on disk (MiB)", ylabel="held-back PSNR-Y (dB)", title="quality vs size")
+    for protocol, marker in zip(PROTOCOLS, "os"):
+        points = [(e["bytes"] / 2**20, gain(e, protocol, "held_out")) for e in scores.values()]
+        ax.scatter(*zip(*points), marker=marker, label=f"{protocol} LQ")
+        for name, (mib, db) in zip(scores, points):
+            ax.annotate(name, (mib, db), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(0.0, color="grey", linestyle="--", label="bicubic")
+    ax.set(xscale="log", xlabel="weights on disk (MiB)", ylabel="held-out gain over bicubic (dB)",
+           title="quality vs size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -72,19 +84,78 @@ def quality_vs_size(scores: dict, png: Path) -> None:
     plt.close(fig)
 
 
-def sample_grid(variant_dir: Path, png: Path) -> list[str]:
-    """One row per scored photo: LQ (nearest) | bicubic | SR | HQ."""
-    rows, names = [], []
-    for subset in ("train", "held_back"):
-        for hq_path in sorted((variant_dir / subset).glob("*_hq.png")):
-            stem = hq_path.name.removesuffix("_hq.png")
-            hq = Image.open(hq_path).convert("RGB")
-            lq = Image.open(variant_dir / subset / f"{stem}_lq.png").convert("RGB").resize(hq.size, Image.NEAREST)
-            sr = [Image.open(variant_dir / subset / f"{stem}_{k}.png").convert("RGB") for k in ("bicubic", "sr")]
-            rows.append(np.concatenate([np.asarray(p) for p in (lq, *sr, hq)], axis=1))
-            names.append(f"{subset}/{stem}")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(png)
-    return names
+def _tile(images: list[Image.Image], cell: int) -> np.ndarray:
+    """One grid row: each image on a white cell of side `cell` (crops of smaller photos are smaller)."""
+    row = np.full((cell, cell * len(images), 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        pixels = np.asarray(image.convert("RGB"))[:cell, :cell]
+        row[: pixels.shape[0], i * cell : i * cell + pixels.shape[1]] = pixels
+    return row
+
+
+def sample_grid(restore: Path, names: list[str], protocol: str, png: Path) -> list[str]:
+    """One row per photo (the first training photo, three held-out crops): LQ (nearest) | bicubic | each variant's
+    SR | HQ, every variant on the very same LQ."""
+    first = restore / names[0] / protocol
+    stems = sorted(first.glob("train/*_hq.png"))[:1]
+    held_out = sorted(first.glob("held_out/*_hq.png"))
+    stems += held_out[:: max(1, len(held_out) // 3)][:3]
+    rows, labels = [], []
+    for hq_path in stems:
+        subset, stem = hq_path.parent.name, hq_path.name.removesuffix("_hq.png")
+        hq = Image.open(hq_path)
+        lq = Image.open(first / subset / f"{stem}_lq.png").resize(hq.size, Image.NEAREST)
+        bicubic = Image.open(first / subset / f"{stem}_bicubic.png")
+        srs = [Image.open(restore / name / protocol / subset / f"{stem}_sr.png") for name in names]
+        rows.append(_tile([lq, bicubic, *srs, hq], max(hq.size)))
+        labels.append(f"{subset}/{stem}")
+    width = max(r.shape[1] for r in rows)
+    Image.fromarray(np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+                                    for r in rows])).save(png)
+    return labels
+
+
+def real_lq_grid(folder: Path, names: tuple[str, ...], png: Path) -> list[str]:
+    """One row per real low-quality photo: LQ (nearest) | bicubic | each named model's restoration."""
+    rows, stems = [], sorted(p.name.removesuffix("_lq.png") for p in folder.glob("*_lq.png"))
+    for stem in stems:
+        bicubic = Image.open(folder / f"{stem}_bicubic.png")
+        lq = Image.open(folder / f"{stem}_lq.png").resize(bicubic.size, Image.NEAREST)
+        srs = [Image.open(folder / f"{stem}_{name}.png") for name in names]
+        rows.append(_tile([lq, bicubic, *srs], max(max(i.size) for i in (bicubic, *srs))))
+    width = max(r.shape[1] for r in rows)
+    Image.fromarray(np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+                                    for r in rows])).save(png)
+    return stems
+
+
+def quality_lines(scores: dict) -> list[str]:
+    """Per LQ protocol: a table of every variant's PSNR-Y and gain over bicubic, and what each step kept."""
+    lines = []
+    for protocol in PROTOCOLS:
+        first = next(iter(scores.values()))[protocol]
+        lines += [f"### LQ: {PROTOCOL_TEXT[protocol]}", "",
+                  "| variant | weights MiB | train PSNR-Y (gain) | held-out PSNR-Y (gain) | held-out SSIM-Y |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for name, e in scores.items():
+            tr, ho = e[protocol]["train_mean"], e[protocol]["held_out_mean"]
+            lines.append(f"| {name} | {e['bytes'] / 2**20:.3f} | {tr['psnr_sr']:.2f} "
+                         f"({gain(e, protocol, 'train'):+.2f}) | {ho['psnr_sr']:.2f} "
+                         f"({gain(e, protocol, 'held_out'):+.2f}) | {ho['ssim_sr']:.4f} |")
+        lines += [f"| bicubic | — | {first['train_mean']['psnr_bicubic']:.2f} | "
+                  f"{first['held_out_mean']['psnr_bicubic']:.2f} | {first['held_out_mean']['ssim_bicubic']:.4f} |", ""]
+        if "start" in scores and "trained" in scores:
+            added = {s: gain(scores["trained"], protocol, s) - gain(scores["start"], protocol, s)
+                     for s in ("train", "held_out")}
+            lines.append(f"The main job's own training added {added['train']:+.2f} dB on its training photos and "
+                         f"{added['held_out']:+.2f} dB on the held-out crops to its start (tiny-sr as shipped).")
+            trained = gain(scores["trained"], protocol, "held_out")
+            kept = [f"{name} {gain(e, protocol, 'held_out') / trained:.0%}" for name, e in scores.items()
+                    if name not in ("start", "trained")]
+            if kept and trained > 0:
+                lines.append(f"Of the trained model's held-out gain over bicubic, kept: {', '.join(kept)}.")
+            lines.append("")
+    return lines
 
 
 def _loss_line(title: str, run_dir: Path, key: str) -> str:
@@ -121,41 +192,49 @@ def write_report(run: RunFolder, out: Path) -> None:
     replicas = json.loads((run.train / "replicas.json").read_text())
     timings = json.loads(run.timings.read_text())
     runs = {"LoRA training": run.train, "pruned fine-tune (distilled)": run.prune_finetune}
+    real_lq_names = tuple(n for n in ("start", "trained") if n in scores)
     with atomic_directory(out, "sana-sr quickstart") as tmp:
         loss_curves(runs, tmp / "loss.png")
         quality_vs_size(scores, tmp / "quality_vs_size.png")
         lines = [
             "# sana-sr quickstart report", "",
-            f"Tiny SANA-SR: LoRA trained on {replicas['ranks'][0]['world_size']} processes (replica weights identical "
-            f"at the end: {_identical(replicas['ranks'])}), pruned to half the DiT, fine-tuned with distillation, "
-            "quantized to W4A4.", "",
+            "Tiny SANA-SR: the shipped `tiny-sr` model (the start) fine-tuned by a LoRA on the training photos on "
+            f"{replicas['ranks'][0]['world_size']} processes (replica weights identical at the end: "
+            f"{_identical(replicas['ranks'])}), pruned to half the DiT, fine-tuned with distillation, quantized to "
+            "W4A4.", "",
             _loss_line("LoRA training", runs["LoRA training"], "pixel_l2"),
             _loss_line("pruned fine-tune", runs["pruned fine-tune (distilled)"], "distill"),
             *_quantization_lines(run), "",
             "![loss](loss.png)", "",
-            "## Quality vs size", "",
-            "Same LQ photos (Real-ESRGAN degradation, fixed seeds) for every variant; PSNR/SSIM on Y, border 4.", "",
-            "| variant | weights MiB | train PSNR (bicubic) | held-back PSNR (bicubic) | held-back SSIM (bicubic) |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "## Quality", "",
+            "The same LQ for every variant; PSNR/SSIM on Y, border 4; gain = PSNR-Y minus bicubic's on the same LQ. "
+            "Train: centre crops (256²) of the training photos; held-out: the ten crops of Set5 and Urban100 that "
+            "nothing trains on.", "",
+            *quality_lines(scores),
+            "![quality vs size](quality_vs_size.png)", "",
+            "## Stage times (s)", "", "| " + " | ".join([*timings, "total"]) + " |",
+            "|" + " ---: |" * (len(timings) + 1),
+            "| " + " | ".join([*(str(v) for v in timings.values()), f"{sum(timings.values()):.1f}"]) + " |", "",
+            # Shared cores stretch every stage: the load says how much of the machine the run had.
+            f"Load average when the report was written (1, 5, 15 min): "
+            f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.", "",
+            "## Evaluation (eval/realsr.py)", "",
         ]
-        for name, e in scores.items():
-            tr, hb = e["train_mean"], e["held_back_mean"]
-            lines.append(f"| {name} | {e['bytes'] / 2**20:.3f} | {tr['psnr_sr']:.2f} ({tr['psnr_bicubic']:.2f}) | "
-                         f"{hb['psnr_sr']:.2f} ({hb['psnr_bicubic']:.2f}) | "
-                         f"{hb['ssim_sr']:.4f} ({hb['ssim_bicubic']:.4f}) |")
-        lines += ["", "![quality vs size](quality_vs_size.png)", "", "## Evaluation (eval/realsr.py)", ""]
         for summary_path in run.evaluation_summaries():
             summary = json.loads(summary_path.read_text())
             values = ", ".join(f"{k} {v.get('mean', v.get('value')):.4g}" for k, v in summary["metrics"].items())
-            lines.append(f"- {summary_path.parent.name}: {values} ({summary['dataset']['images']} images, "
-                         f"world size {summary['run']['world_size']})")
-        for name in scores:
-            grid = f"samples_{name}.png"
-            rows = sample_grid(run.restore / name, tmp / grid)
-            lines += ["", f"### Samples: {name}", "", f"Rows: {', '.join(rows)}; columns: LQ | bicubic | SR | HQ.", "",
-                      f"![{name}]({grid})"]
-        lines += ["", f"Real low-quality photos restored by the trained model: `{run.restore / 'real_lq'}`.",
-                  f"Hub-ready folder (dry run, nothing uploaded): `{run.publish('merged')}`.", "",
-                  "## Stage timings (s)", "", "| " + " | ".join(timings) + " |", "|" + " ---: |" * len(timings),
-                  "| " + " | ".join(str(v) for v in timings.values()) + " |", ""]
+            lines.append(f"- {summary_path.parent.name} on {summary['dataset']['name']}: {values} "
+                         f"({summary['dataset']['images']} images, world size {summary['run']['world_size']})")
+        names = list(scores)
+        for protocol in PROTOCOLS:
+            grid = f"samples_{protocol}.png"
+            rows = sample_grid(run.restore, names, protocol, tmp / grid)
+            lines += ["", f"### Samples, LQ: {PROTOCOL_TEXT[protocol]}", "",
+                      f"Rows: {', '.join(rows)}; columns: LQ | bicubic | {' | '.join(names)} | HQ.", "",
+                      f"![samples {protocol}]({grid})"]
+        rows = real_lq_grid(run.restore / "real_lq", real_lq_names, tmp / "real_lq.png")
+        lines += ["", "### Real low-quality photos (no reference)", "",
+                  f"Rows: {', '.join(rows)}; columns: LQ | bicubic | {' | '.join(real_lq_names)}.", "",
+                  "![real LQ](real_lq.png)", "",
+                  f"Hub-ready folder (dry run, nothing uploaded): `{run.publish('merged')}`.", ""]
         (tmp / "report.md").write_text("\n".join(lines))
