@@ -6,7 +6,8 @@ the same as `sana-sr evaluate` (options and outputs: sana_sr/evaluation/evaluate
 
 import sys
 
+from sana_sr.distributed import exit_code
 from sana_sr.evaluation.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main()))

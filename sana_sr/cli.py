@@ -41,5 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def run() -> None:
+    """The console script: `main`, then the exit that survives a process group (sana_sr.distributed.exit_code)."""
+    from sana_sr.distributed import exit_code
+
+    sys.exit(exit_code(main()))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

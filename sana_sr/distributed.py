@@ -11,6 +11,8 @@ After construction the world is verified: the launcher's WORLD_SIZE must match, 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +52,53 @@ class DistConfig:
 
 
 
+_PROCESS_GROUP = {"used": False}
+
+
+@contextmanager
+def process_group_released() -> Iterator[None]:
+    """Destroy the process group however the body ends. A gloo group left alive after a collective timed out makes
+    the interpreter's exit abort in about half the runs here, so the exit code the command chose would be lost; end
+    the process with `exit_code` for the same reason after a normal run."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            _PROCESS_GROUP["used"] = True
+            dist.destroy_process_group()
+
+
+def exit_code(code: int) -> int:
+    """`code` for `sys.exit`, from a command's `__main__`; in a process that ran a process group, the process ends
+    here with it instead. Gloo's worker threads outlive `destroy_process_group` while anything still holds the group
+    (DeepSpeed's engine does): one that drops its last finished collective during the interpreter's teardown must take
+    the GIL to free the tensors, Python makes it exit, and that aborts the process (SIGABRT, "terminate called without
+    an active exception"; 1 in ~10 two-process DeepSpeed runs here: docs/training.md, "How a process ends"). So
+    the exit handlers run (trackers, loader workers, logging), the streams are flushed, and the teardown is skipped."""
+    if not _PROCESS_GROUP["used"]:
+        return code
+    import atexit
+    import sys
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def collective_failed(error: BaseException) -> bool:
+    """True for the errors a collective raises when another rank is stuck or gone: NCCL's DistBackendError, gloo's
+    RuntimeError naming its timeout (`dist.timeout_s`) or the closed connection of a rank that died."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistBackendError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in message for sign in ("Timed out", "Connection closed by peer", "Connection reset by peer"))
+
 
 def mixed_precision(dist: DistConfig, on_cpu: bool) -> str:
     if dist.mixed_precision == "auto":
@@ -83,6 +132,8 @@ def build_accelerator(
         handlers += [DistributedDataParallelKwargs(**ddp_kwargs)] if ddp_kwargs else []
         accelerator = Accelerator(cpu=on_cpu, kwargs_handlers=handlers, **common)
     verify_world(accelerator)
+    if torch.distributed.is_initialized():  # remembered: Accelerate's end_training destroys the group early
+        _PROCESS_GROUP["used"] = True
     return accelerator
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sana_sr.distributed import DistConfig
+from sana_sr.distributed import DistConfig, process_group_released
 from sana_sr.train.config import CheckpointConfig, LogConfig, OptimConfig
 from sana_sr.train.loop import TrainLoop
 
@@ -177,20 +177,21 @@ def main(argv: list[str]) -> int:
     output_dir, options = argv[0], dict(a.split("=", 1) for a in argv[1:])
     if os.environ.get("PROBE_KILL_AT") or os.environ.get("PROBE_EVENTS"):
         _install_fault_injection()
-    try:
-        loop = ProbeLoop(output_dir, options)
-    except ValueError as e:  # a refused checkpoint (CheckpointError): one line, as sana_sr.train prints it
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return loop.train()
-    finally:
-        if os.environ.get("PROBE_EVENTS"):
-            Path(os.environ["PROBE_EVENTS"]).write_text(str(EVENTS["count"]))
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with process_group_released():
+        try:
+            loop = ProbeLoop(output_dir, options)
+        except ValueError as e:  # a refused checkpoint (CheckpointError): one line, as sana_sr.train prints it
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            return loop.train()
+        finally:
+            if os.environ.get("PROBE_EVENTS"):
+                Path(os.environ["PROBE_EVENTS"]).write_text(str(EVENTS["count"]))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from sana_sr.distributed import exit_code
+
+    sys.exit(exit_code(main(sys.argv[1:])))

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from sana_sr.distributed import exit_code, process_group_released
 from sana_sr.train.config import load_config
 from sana_sr.train.trainer import Trainer
 
@@ -39,13 +40,9 @@ class TrajectoryTrainer(Trainer):
 
 def main(argv: list[str]) -> int:
     path = argv[0] if argv and "=" not in argv[0] else None
-    trainer = TrajectoryTrainer(load_config(path, argv[1:] if path else argv))
-    try:
-        return trainer.train()
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with process_group_released():
+        return TrajectoryTrainer(load_config(path, argv[1:] if path else argv)).train()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(exit_code(main(sys.argv[1:])))

@@ -99,16 +99,19 @@ def test_a_stuck_loader_worker_times_out_in_one_line(monkeypatch):
 
 STUCK_RANK = """
 import sys, time, torch
-from sana_sr.distributed import DistConfig, build_accelerator
+from sana_sr.distributed import DistConfig, build_accelerator, collective_failed, exit_code, process_group_released
 accelerator = build_accelerator(DistConfig(cpu=True, timeout_s=float(sys.argv[1])), 1, 1, 1.0)
 if accelerator.process_index == 1:
     time.sleep(300)  # a stuck rank: rank 0's next collective must give up, not wait for the time limit
 start = time.monotonic()
-try:
-    accelerator.reduce(torch.ones(1), "sum")
-except Exception as e:
-    print(f"gave up after {time.monotonic() - start:.1f} s: {type(e).__name__}", flush=True)
-    sys.exit(3)
+code = 0
+with process_group_released():  # as sana_sr.train ends: the exit code survives the broken gloo group
+    try:
+        accelerator.reduce(torch.ones(1), "sum")
+    except RuntimeError as e:
+        print(f"gave up after {time.monotonic() - start:.1f} s: {collective_failed(e)}", flush=True)
+        code = 3
+sys.exit(exit_code(code))
 """
 
 
@@ -132,6 +135,7 @@ def test_a_stuck_rank_ends_the_job_after_the_process_group_timeout(tmp_path):
             proc.kill()
     assert procs[0].returncode == 3, output[-2000:]
     assert float(output.split("gave up after ")[1].split(" s")[0]) < 4 + 20, output[-2000:]
+    assert "s: True" in output, output[-2000:]  # recognised as a lost rank by sana_sr.train
 
 
 def skip_shards(folder) -> None:
@@ -206,3 +210,31 @@ def test_training_on_an_all_bad_stream_stops_in_one_line(tmp_path):
     assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "1000 samples in a row were unusable" in errors[0] and "no prompt embedding" in errors[0]
     assert str(shards / "shard-0000") in errors[0]
+
+
+def test_a_lost_rank_ends_training_with_one_line_and_exit_code_3(monkeypatch, capsys):
+    """What `sana_sr.train` does with the error rank 0's collective raises in the test above; any other
+    RuntimeError still surfaces as itself."""
+    import sana_sr.train.trainer as trainer_module
+    from sana_sr.train.__main__ import main
+
+    def failing_trainer(message):
+        class FailingTrainer:
+            def __init__(self, config):
+                pass
+
+            def train(self):
+                raise RuntimeError(message)
+
+        return FailingTrainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    gloo = "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms for recv operation"
+    monkeypatch.setattr(trainer_module, "Trainer", failing_trainer(gloo))
+    assert main(["dist.timeout_s=4"]) == 3
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"error: rank 0: a collective gave up after dist.timeout_s=4 s or lost a rank ({gloo})"]
+    monkeypatch.setattr(trainer_module, "Trainer", failing_trainer("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["dist.timeout_s=4"])

@@ -51,14 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sana_sr.distributed import process_group_released
     from sana_sr.evaluation.datasets import DatasetError
     from sana_sr.evaluation.runner import EvalConfig, run
 
-    try:
-        config = EvalConfig(**{k: v for k, v in vars(args).items()})
-        return run(config)
-    except (DatasetError, ValueError, RuntimeError) as e:
-        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    with process_group_released():
+        try:
+            config = EvalConfig(**{k: v for k, v in vars(args).items()})
+            return run(config)
+        except (DatasetError, ValueError, RuntimeError) as e:
+            if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+                print(f"error: {e}", file=sys.stderr)
+            return 2
 

@@ -149,13 +149,10 @@ def finetune_logs(work_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch.distributed as dist
+    from sana_sr.distributed import process_group_released
 
-    try:
+    with process_group_released():
         return compress(args, argv)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def compress(args: argparse.Namespace, argv: list[str] | None) -> int:

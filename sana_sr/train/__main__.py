@@ -25,32 +25,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import torch.distributed as dist
+    import os
 
     from sana_sr.data.samples import DataStreamError
+    from sana_sr.distributed import collective_failed, process_group_released
     from sana_sr.train.trainer import Trainer
 
-    try:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f"rank {os.environ.get('RANK', '0')}: " if world > 1 else ""
+    with process_group_released():
         try:
             trainer = Trainer(config)
         except (ValueError, OSError) as e:  # bad data, missing weights: one line per run, not a traceback per rank
-            import os
-
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
             return 2
         try:
             return trainer.train()
         except DataStreamError as e:  # all-bad data, a stuck loader worker: one line per rank that met it
-            import os
-
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            print(f"error: {'rank ' + os.environ['RANK'] + ': ' if world > 1 else ''}{e}", file=sys.stderr)
+            print(f"error: {rank}{e}", file=sys.stderr)
             return 1
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        except RuntimeError as e:
+            if not collective_failed(e):
+                raise
+            # Another rank is stuck or dead; the last complete checkpoint is where a resubmitted job resumes.
+            print(f"error: {rank}a collective gave up after dist.timeout_s={config.dist.timeout_s:g} s "
+                  f"or lost a rank ({str(e).splitlines()[0]})", file=sys.stderr)
+            return 3
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sana_sr.distributed import exit_code
+
+    sys.exit(exit_code(main()))
