@@ -64,6 +64,9 @@ def integer_blocker(layer: QuantWeightLayer) -> str | None:
 
 
 _SCRATCH = threading.local()
+SCRATCH_KEPT_BYTES = 256 * 2**20
+"""The largest scratch buffer kept between calls (a 512² decoder tile's widest input is 128 MiB); larger inputs
+(an untiled decode of a large image) get a tensor of their own, so no process holds gigabytes after one call."""
 
 
 def _scratch(shape: torch.Size, channels_last: bool) -> torch.Tensor:
@@ -72,7 +75,9 @@ def _scratch(shape: torch.Size, channels_last: bool) -> torch.Tensor:
     mapping: 49 vs 9 ms at 1x128x512x512). Its contents live until the next call."""
     numel = math.prod(shape)
     buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.numel() < numel:
+    if numel * 4 > SCRATCH_KEPT_BYTES:
+        buffer = torch.empty(numel)
+    elif buffer is None or buffer.numel() < numel:
         buffer = _SCRATCH.buffer = torch.empty(numel)
     if channels_last:
         n, c, h, w = shape

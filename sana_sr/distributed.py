@@ -51,7 +51,6 @@ class DistConfig:
             raise ValueError(f"dist.timeout_s must be > 0, got {self.timeout_s}")
 
 
-
 _PROCESS_GROUP = {"used": False}
 
 

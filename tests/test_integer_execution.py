@@ -90,6 +90,29 @@ def test_each_integer_layer_matches_its_fake_quant_layer(method, wbits, abits):
     assert checked >= 5
 
 
+def test_scratch_buffer_is_reused_up_to_its_bound_and_changes_no_output(monkeypatch):
+    """Each layer's shifted input goes to one per-thread buffer (kept up to SCRATCH_KEPT_BYTES); an input above the
+    bound gets a tensor of its own. Same outputs either way, convs (channels-last) and linears alike."""
+    import compress.integer as integer
+
+    model = quantized_toy("minmax", 8, 8)
+    quantized = [m for m in model.modules() if isinstance(m, QuantWeightLayer) and m.aq is not None]
+    assert {m.kind for m in quantized} == {"linear", "conv2d"}
+    inputs = [torch.randn(2, 7, m.in_size) if m.kind == "linear"
+              else torch.randn(2, m.weight_shape[1] * m.conv["groups"], 9, 7) for m in quantized]
+    layers = [IntegerLayer(m) for m in quantized]
+    with torch.no_grad():
+        kept = [layer(x) for layer, x in zip(layers, inputs)]
+        buffer = integer._SCRATCH.buffer
+        assert buffer.numel() >= max(x.numel() for x in inputs)
+        again = [layer(x) for layer, x in zip(layers, inputs)]
+        assert integer._SCRATCH.buffer.data_ptr() == buffer.data_ptr()  # reused, not reallocated
+        monkeypatch.setattr(integer, "SCRATCH_KEPT_BYTES", 0)
+        own = [layer(x) for layer, x in zip(layers, inputs)]
+    for a, b, c in zip(kept, again, own):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 @pytest.mark.parametrize("method, wbits, abits", CASES)
 def test_fused_rounding_matches_the_reference_quantizer(method, wbits, abits):
     """The fused rounding (integer layers' codes, the matmul sites' fake quantization) against the reference's
