@@ -1,5 +1,3 @@
-import sys
+from sana_sr.cli import run
 
-from sana_sr.cli import main
-
-sys.exit(main())
+run()
