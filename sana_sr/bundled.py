@@ -30,6 +30,13 @@ CAPTIONS: dict[str, str] = {
 """The training photos of the main job and of the tiny base, with their prompts."""
 HELD_BACK: tuple[str, ...] = ("chelsea.png",)
 """Bundled photos that nothing trains on: the main job evaluates on them."""
+SKIMAGE_TRAIN_PHOTOS: tuple[str, ...] = (
+    "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png",
+    "retina.jpg", "brick.png", "grass.png", "gravel.png", "camera.png", "text.png", "page.png", "moon.png",
+    "coins.png", "cell.png")
+"""The photographs among scikit-image's data files that `tiny-sr` trained on (`pretrain-tiny --skimage-photos`).
+Left out: chelsea (held back), synthetic images (chessboard, logo, phantom, ...), the motion-blurred clock, tiny
+files, and motorcycle_right (a near-duplicate of motorcycle_left)."""
 
 
 def train_photos() -> list[Path]:

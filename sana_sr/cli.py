@@ -10,7 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("sana_sr.main_job.quickstart", "run the main job on the bundled photos with the tiny preset (CPU)"),
     "upscale": ("sana_sr.model.upscale", "restore image files and folders"),
     "train": ("sana_sr.train.__main__", "train the one-step LoRA DiT (python -m sana_sr.train CONFIG ...)"),
-    "pretrain-tiny": ("sana_sr.train.pretrain_tiny", "train the tiny preset's base weights from the bundled photos"),
+    "pretrain-tiny": ("sana_sr.train.pretrain_tiny", "train the tiny base or (--recipe sr) tiny-sr from photos"),
     "cost": ("sana_sr.model.cost", "parameters and MACs per component (meta device), latency and peak memory"),
     "shards": ("sana_sr.data.shards", "image folders (LSDIR, FFHQ, any tree) -> webdataset tar shards"),
     "embed-captions": ("sana_sr.data.caption_embeddings", "add the text encoder's caption embeddings to existing shards"),

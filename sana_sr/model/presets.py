@@ -146,6 +146,25 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# The architecture of the shipped `tiny-sr` model (not a preset: `tiny-sr` names the trained model). Against the
+# `tiny` preset, its DC-AE has no full-resolution stage and no attention (pixel-unshuffle in, pixel-shuffle out,
+# ResBlocks of 32, 32, 64 channels: 41.5 dB reconstruction PSNR-Y, where tiny's 16/32/64 EfficientViT AE reached
+# ~31), and its DiT has 6 layers instead of 4. `sana-sr pretrain-tiny --recipe sr` trains it from random weights.
+TINY_SR_VAE: dict[str, Any] = dict(
+    PRESETS["tiny"].vae,
+    encoder_block_types=("ResBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3,
+    encoder_block_out_channels=(32, 32, 64),
+    decoder_block_out_channels=(32, 32, 64),
+    encoder_layers_per_block=(0, 1, 1),
+    decoder_layers_per_block=(0, 1, 1),
+    encoder_qkv_multiscales=((), (), ()),
+    decoder_qkv_multiscales=((), (), ()),
+    downsample_block_type="pixel_unshuffle",
+    upsample_block_type="pixel_shuffle",
+)
+TINY_SR_TRANSFORMER: dict[str, Any] = dict(PRESETS["tiny"].transformer, num_layers=6)
+
 def get_preset(name: str) -> Preset:
     """The preset called `name`, or a ValueError that lists the known ones."""
     try:

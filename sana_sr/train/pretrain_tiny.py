@@ -1,4 +1,7 @@
-"""`sana-sr pretrain-tiny`: the tiny preset's "published" base weights, trained here from real photos.
+"""`sana-sr pretrain-tiny`: the tiny models' "published" weights, trained here from real photos.
+
+Two recipes. `--recipe base` (the default, below) makes the `tiny` preset's base; `--recipe sr` makes the shipped
+`tiny-sr` SR model from random weights (sana_sr/train/pretrain_tiny_sr.py).
 
 The real presets start from pretrained hub weights (a DC-AE trained to reconstruct, a SANA DiT trained by flow
 matching). A random tiny model has neither property: its frozen decoder cannot produce a good image, and its DiT is
@@ -53,6 +56,7 @@ class PhotoCrops:
             _, h, w = self.photos[i].shape
             top, left = int(rng.integers(h - self.size + 1)), int(rng.integers(w - self.size + 1))
             crop = self.photos[i][:, top: top + self.size, left: left + self.size]
+            crop = crop.float() / 255 if crop.dtype == torch.uint8 else crop  # uint8 tiles: a quarter the memory
             crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
             sources.append(i)
         return torch.stack(crops) * 2 - 1, sources
@@ -121,12 +125,20 @@ class _Stage(TrainLoop):
 
 
 class AutoencoderStage(_Stage):
-    """The DC-AE learns to reconstruct: L1 between decode(encode(x)) and x."""
+    """The DC-AE learns to reconstruct: L1 between decode(encode(x)) and x, then L2 from step `l1_steps` if given."""
+
+    def __init__(self, module: nn.Module, crops: PhotoCrops, settings: StageSettings, l1_steps: int | None = None):
+        self.l1_steps = l1_steps
+        super().__init__(module, crops, settings)
 
     def compute_loss(self, batch: dict):
         x = batch["x"]
-        loss = (self.model(x).sample - x).abs().mean()
-        return loss, {"l1": loss.detach()}, None
+        error = self.model(x).sample - x
+        if self.l1_steps is None or self.state["step"] < self.l1_steps:
+            loss = error.abs().mean()
+            return loss, {"l1": loss.detach()}, None
+        loss = error.square().mean()
+        return loss, {"l2": loss.detach()}, None
 
 
 class FlowMatchingStage(_Stage):
@@ -193,12 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", nargs="+", default=None, metavar="PATH",
                    help="training photos, files and/or folders (default: the bundled training photos); captions "
                         "from a .txt beside each image")
-    p.add_argument("--ae-steps", type=int, default=3000)
-    p.add_argument("--dit-steps", type=int, default=1200)
-    p.add_argument("--ae-lr", type=float, default=2e-3)
-    p.add_argument("--dit-lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, default=16, help="global batch of each stage")
-    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="base",
+                   help="base: the `tiny` preset's base (dc-ae/ + sana/); sr: the shipped tiny-sr model, trained "
+                        "from random weights (sana_sr/train/pretrain_tiny_sr.py)")
+    p.add_argument("--skimage-photos", action="store_true",
+                   help="add the photographs scikit-image ships (bundled.SKIMAGE_TRAIN_PHOTOS) to the training photos")
+    for name, help_ in (("ae-steps", "DC-AE steps"), ("ae-lr", "DC-AE peak learning rate"),
+                        ("ae-l1-steps", "DC-AE steps on L1 before L2 (sr recipe)"),
+                        ("dit-steps", "DiT flow-matching steps (base recipe)"), ("dit-lr", "DiT learning rate (base)"),
+                        ("sr-batch", "SR global batch (sr recipe)"),
+                        ("batch", "global batch of the pretraining stages"), ("crop", "crop side")):
+        kind = float if name.endswith("lr") else int
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{help_} (default: the recipe's, RECIPES)")
+    p.add_argument("--sr-steps", default=None, metavar="N[,N...]",
+                   help="steps of each SR stage, or one count for all (default: pretrain_tiny_sr.SR_STAGES)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=None,
                    help="checkpoints (default OUT.work; a rerun resumes; removed once OUT is written)")
@@ -207,12 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RECIPES: dict[str, dict[str, float | int | None]] = {
+    "base": dict(ae_steps=3000, ae_lr=2e-3, ae_l1_steps=None, dit_steps=1200, dit_lr=1e-3, batch=16, crop=64,
+                 sr_batch=None),
+    # tiny-sr's DC-AE trained 2000 steps (L1 then L2, lr 2e-3) and then 4000 more (L2, lr 1e-3): one schedule here.
+    "sr": dict(ae_steps=6000, ae_lr=2e-3, ae_l1_steps=1000, dit_steps=None, dit_lr=None, batch=16, crop=64,
+               sr_batch=8),
+}
+"""Defaults of each recipe; a flag given on the command line wins."""
+
 OWNER = "sana-sr pretrain-tiny"
 WORK_OWNER = "sana-sr pretrain-tiny --work-dir"  # not OWNER: the work folder is deleted at the end, --out never
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     from sana_sr.data.calibration_pairs import load_photos, prompt_for
     from sana_sr.images import find_images
     from sana_sr.model.loading import build_pipeline
@@ -229,7 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"sana-sr pretrain-tiny: error: {e}", file=sys.stderr)
         return 2
+    if args.recipe == "sr":
+        from sana_sr.train.pretrain_tiny_sr import photo_paths, run
+
+        command = "sana-sr pretrain-tiny " + " ".join(sys.argv[2:] if argv is None else argv)
+        return run(args, photo_paths(args.photos, args.skimage_photos), work, command)
     paths = [p for p, _ in find_images(args.photos)] if args.photos else train_photos()
+    if args.skimage_photos:
+        from sana_sr.train.pretrain_tiny_sr import photo_paths
+
+        paths = photo_paths(args.photos, True)
     loaded = load_photos(paths, args.crop)
     crops = PhotoCrops([photo for _, photo in loaded], args.crop, args.seed)
     pipe = build_pipeline("tiny", weights="random", seed=args.seed)
