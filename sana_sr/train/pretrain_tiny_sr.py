@@ -71,8 +71,9 @@ def tile_photos(paths: list[Path]) -> list[np.ndarray]:
     return tiles
 
 
-def write_shards(tiles: list[np.ndarray], work: Path, seed: int) -> Path:
-    """The tiles as PNG files, then as webdataset shards (once: a rerun finds them)."""
+def write_shards(tiles: list[np.ndarray], work: Path, seed: int, processes: int) -> None:
+    """The tiles as PNG files, then as webdataset shards (once: a rerun finds them), at least two per process (each
+    rank reads shards of its own)."""
     from sana_sr.data.shards import main as shards_main
 
     shards = work / "shards"
@@ -81,11 +82,11 @@ def write_shards(tiles: list[np.ndarray], work: Path, seed: int) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         for i, tile in enumerate(tiles):
             Image.fromarray(tile).save(folder / f"tile_{i:05d}.png")
-        if shards_main([str(folder), "-o", str(shards), "--max-count", "64", "--min-size", str(TILE), "--no-progress",
-                        "--seed", str(seed)]):
+        per_shard = max(1, min(64, len(tiles) // (2 * processes)))
+        if shards_main([str(folder), "-o", str(shards), "--max-count", str(per_shard), "--min-size", str(TILE),
+                        "--no-progress", "--seed", str(seed)]):
             raise RuntimeError("sana-sr shards failed (message above)")
         shutil.rmtree(folder)
-    return shards
 
 
 def zero_output(pipe):
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace, paths: list[Path], work: Path, command: str) -
     accelerator, processes = stage.accelerator, stage.accelerator.num_processes
     set_scaling_factor(pipe.vae, crops)
     if accelerator.is_main_process:
-        write_shards(tiles, work, args.seed)
+        write_shards(tiles, work, args.seed, processes)
         if not (work / "start" / "model_index.json").is_file():
             with atomic_directory(work / "start", WORK_OWNER) as tmp:
                 zero_output(pipe).save_pretrained(tmp)
