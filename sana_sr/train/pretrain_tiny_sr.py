@@ -176,7 +176,7 @@ def run(args: argparse.Namespace, paths: list[Path], work: Path, command: str) -
     pipe = build_pipeline(preset, weights="random", seed=args.seed, text_encoder=False)
     stage = AutoencoderStage(pipe.vae, crops, StageSettings(args.ae_steps, args.ae_lr, batch=args.batch,
                                                             work_dir=work / "dc-ae", seed=args.seed,
-                                                            warmup=min(200, args.ae_steps // 4)),
+                                                            warmup=min(200, args.ae_steps // 4), betas=(0.9, 0.99)),
                              l1_steps=args.ae_l1_steps)
     stage.run()
     accelerator, processes = stage.accelerator, stage.accelerator.num_processes
