@@ -4,6 +4,7 @@ marker it leaves), never its input, and stops with one line otherwise; rerunning
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,12 @@ def test_quickstart_fresh_deletes_only_its_own_run_folder(tmp_path, monkeypatch)
     (run / "stale.txt").write_text("from an earlier run")
     assert quickstart.main(["--out", str(run)]) == 0 and (run / "stale.txt").is_file()  # continues in its folder
     assert quickstart.main(["--out", str(run), "--fresh"]) == 0 and not (run / "stale.txt").exists()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is Python 3.11+")
+def test_main_job_commands_run_from_inside_a_run_folder(tmp_path, monkeypatch):
+    from sana_sr.main_job import stages
+
+    (tmp_path / "compress").mkdir()  # a run folder's output, named as the top-level package
+    monkeypatch.chdir(tmp_path)
+    stages.call(stages.cli(["compress", "--help"]), "sana-sr compress --help")  # raises if `compress` is shadowed

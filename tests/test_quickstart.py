@@ -37,7 +37,7 @@ MIN_W4A4_GAIN = {"bicubic": {"compsrt-w4a4": 0.24, "spr2q-w4a4": 0.0},
 def test_main_job_runs_every_stage_and_beats_bicubic(tmp_path):
     out = tmp_path / "quickstart"
     cmd = [sys.executable, "-m", "sana_sr.cli", "quickstart", "--out", str(out), "--steps", str(STEPS),
-           "--finetune-steps", "20", "--compress-steps", "10"]
+           "--finetune-steps", "100", "--compress-steps", "30"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, env=train_env(), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"quickstart report: {out / 'report' / 'report.md'}" in result.stdout

@@ -5,8 +5,8 @@
               DDP on gloo                                                       (accelerate launch -m sana_sr.train)
     prune     prompt-aware pruning of the DiT to half its parameters, then a full fine-tune distilled from the
               trained model, 2 processes                                       (sana-sr prune; sana_sr.train)
-    compress  CompSRT and SPR²Q W4A4 of the pruned model, packed to disk; their fine-tunes on the training
-              loop, 2 processes                                                (accelerate launch sana-sr compress)
+    compress  CompSRT and SPR²Q W4A4 (per-token activations) of the pruned model, packed to disk; their fine-tunes
+              on the training loop, 2 processes                                (accelerate launch sana-sr compress)
     evaluate  the start and every variant on the ten held-out crops (Set5, Urban100), LQ by the training
               degradation (fixed seeds) and by plain bicubic x4, 2 processes    (accelerate launch sana-sr evaluate)
     restore   training photos and held-out crops under both LQ protocols, the start, every variant and bicubic
@@ -35,12 +35,15 @@ from sana_sr.data.degradation_config import DegradationConfig
 from sana_sr.run_folder import RunFolder
 
 EVAL_CROP = 256  # HQ side of the evaluation crops (LQ 64)
-COMPRESSED = {"compsrt-w4a4": ["--method", "compsrt"], "spr2q-w4a4": ["--method", "spr2q"]}
+# Per-token activation grids (one dynamic grid per token / pixel): on the pruned tiny model they kept 0.70 and 0.76 dB
+# of a 1.24 dB held-out gain under plain bicubic, one static grid per tensor 0.44 (docs/compression.md).
+COMPRESSED = {name: ["--method", method, "--act-granularity", "token"]
+              for name, method in (("compsrt-w4a4", "compsrt"), ("spr2q-w4a4", "spr2q"))}
 REPO_ID = "sana-sr/tiny-quickstart"
-# Both trainings see plain bicubic LQ in 3 of 4 rows (the rest: tiny.yaml's light degradation): tiny-sr was trained
-# on plain bicubic only, and a fine-tune on the light degradation alone lost 0.65 dB of its held-out gain under plain
-# bicubic in 100 steps (0.24 dB with half the rows plain; 0.06 dB with three quarters and lr 1e-3).
-TRAIN_DATA = ("data.degradation.bicubic_prob=0.75",)
+# Both trainings see the LQ of tiny-sr's last training stage: plain bicubic in 1 of 4 rows, the rest tiny.yaml's light
+# degradation run on a 128² crop before the 64² pair is cut (degrading the 64² crop itself is a harsher distribution
+# that teaches the model to flatten structure: docs/tiny_model.md).
+TRAIN_DATA = ("data.degradation.bicubic_prob=0.25", "data.crop=128", "data.degradation.gt_size=64")
 
 
 @dataclass
@@ -70,7 +73,10 @@ def launch(run: Run, target: list[str]) -> list[str]:
 
 
 def call(cmd: list[str], what: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), GLOO_SOCKET_IFNAME="lo")
+    # PYTHONSAFEPATH (3.11+): `python -m` would put the working directory first on sys.path, and a run folder's own
+    # `compress/` or `eval/` output (when the job is run from inside it) would then shadow the packages of that name.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), GLOO_SOCKET_IFNAME="lo",
+               PYTHONSAFEPATH="1")
     print(f"  $ {' '.join(c if len(c) < 80 else '…' + c[-60:] for c in cmd[1:])}", flush=True)
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
