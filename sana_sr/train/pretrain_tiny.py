@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from sana_sr.atomic import atomic_directory, check_apart, check_output, claim_folder, remove_owned
-from sana_sr.bundled import TINY_BASE, held_back_photos, train_photos
+from sana_sr.bundled import SKIMAGE_TRAIN_PHOTOS, TINY_BASE, held_back_photos, train_photos
 from sana_sr.distributed import DistConfig
 from sana_sr.train.config import CheckpointConfig, LogConfig, OptimConfig
 from sana_sr.train.loop import TrainLoop
@@ -201,6 +201,28 @@ def reconstruction_psnr(vae, photos: dict[str, torch.Tensor], size: int = 256) -
     return out
 
 
+def photo_paths(photos: list[str] | None, with_skimage: bool) -> list[Path]:
+    """The training photos: the given files/folders (default: the bundled ones), plus scikit-image's photographs."""
+    from sana_sr.images import find_images
+
+    # The bundled training photos are copies of three of scikit-image's: not twice.
+    paths = [p for p, _ in find_images(photos)] if photos else [] if with_skimage else train_photos()
+    if with_skimage:
+        try:
+            import skimage
+        except ImportError:
+            print("sana-sr pretrain-tiny: error: --skimage-photos needs scikit-image (pip install scikit-image)",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+        data = Path(skimage.__file__).parent / "data"
+        missing = [name for name in SKIMAGE_TRAIN_PHOTOS if not (data / name).is_file()]
+        if missing:
+            print(f"warning: scikit-image {skimage.__version__} lacks {', '.join(missing)}: training without them",
+                  file=sys.stderr)
+        paths += [data / name for name in SKIMAGE_TRAIN_PHOTOS if name not in missing]
+    return paths
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sana-sr pretrain-tiny", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=TINY_BASE, help="output folder (default: the bundled one)")
@@ -249,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     from sana_sr.data.calibration_pairs import load_photos, prompt_for
-    from sana_sr.images import find_images
     from sana_sr.model.loading import build_pipeline
 
     start = time.perf_counter()
@@ -264,16 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"sana-sr pretrain-tiny: error: {e}", file=sys.stderr)
         return 2
+    paths = photo_paths(args.photos, args.skimage_photos)
     if args.recipe == "sr":
-        from sana_sr.train.pretrain_tiny_sr import photo_paths, run
+        from sana_sr.train.pretrain_tiny_sr import run
 
-        command = "sana-sr pretrain-tiny " + " ".join(sys.argv[2:] if argv is None else argv)
-        return run(args, photo_paths(args.photos, args.skimage_photos), work, command)
-    paths = [p for p, _ in find_images(args.photos)] if args.photos else train_photos()
-    if args.skimage_photos:
-        from sana_sr.train.pretrain_tiny_sr import photo_paths
-
-        paths = photo_paths(args.photos, True)
+        return run(args, paths, work, "sana-sr pretrain-tiny " + " ".join(sys.argv[2:] if argv is None else argv))
     loaded = load_photos(paths, args.crop)
     crops = PhotoCrops([photo for _, photo in loaded], args.crop, args.seed)
     pipe = build_pipeline("tiny", weights="random", seed=args.seed)

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +33,18 @@ from PIL import Image
 
 from sana_sr import bundled
 from sana_sr.atomic import atomic_directory, remove_owned
+from sana_sr.data.calibration_pairs import load_photos
+from sana_sr.train.config import load_config
 from sana_sr.train.pretrain_tiny import (
     OWNER,
     WORK_OWNER,
     AutoencoderStage,
     PhotoCrops,
     StageSettings,
+    reconstruction_psnr,
     set_scaling_factor,
 )
+from sana_sr.train.tracking import REQUEUE_EXIT_CODE, read_metrics
 from sana_sr.train.trainer import Trainer
 
 TILE, STRIDE = 256, 192
@@ -152,8 +155,6 @@ def stage_steps(text: str | None) -> list[int]:
 
 def in_batch_gains(work: Path) -> dict[str, float]:
     """Each SR stage's gain over bicubic on its own training batches (dB, mean of the last 4 logged losses)."""
-    from sana_sr.train.tracking import read_metrics
-
     gains = {}
     for i in range(len(SR_STAGES)):
         rows = [r for r in read_metrics(work / f"sr{i + 1}") if "loss/pixel_l2" in r][-4:]
@@ -187,14 +188,11 @@ def run(args: argparse.Namespace, paths: list[Path], work: Path, command: str) -
             with atomic_directory(work / "start", WORK_OWNER) as tmp:
                 zero_output(pipe).save_pretrained(tmp)
     accelerator.wait_for_everyone()
-    from sana_sr.train.config import load_config
-    from sana_sr.train.tracking import REQUEUE_EXIT_CODE
-
     trained = work / "start"
-    for i, (stage, steps) in enumerate(zip(SR_STAGES, stage_steps(args.sr_steps))):
+    for i, (sr_stage, steps) in enumerate(zip(SR_STAGES, stage_steps(args.sr_steps))):
         output = work / f"sr{i + 1}"
         if not (output / "final" / "pipeline" / "model_index.json").is_file():
-            overrides = sr_stage_args(dataclasses.replace(stage, steps=steps), trained, output, work / "shards",
+            overrides = sr_stage_args(dataclasses.replace(sr_stage, steps=steps), trained, output, work / "shards",
                                       args.seed, args.sr_batch, processes)
             if StageTrainer(load_config(str(bundled.config_file("tiny.yaml")), overrides)).train() == REQUEUE_EXIT_CODE:
                 raise SystemExit(REQUEUE_EXIT_CODE)
@@ -219,30 +217,5 @@ def run(args: argparse.Namespace, paths: list[Path], work: Path, command: str) -
 
 
 def _reconstruction(vae) -> dict[str, float]:
-    from sana_sr.data.calibration_pairs import load_photos
-    from sana_sr.train.pretrain_tiny import reconstruction_psnr
-
     return reconstruction_psnr(vae.cpu(), {p.name: photo for p, photo in load_photos(bundled.held_out_photos(), 64)},
                                size=224)
-
-
-def photo_paths(photos: list[str] | None, with_skimage: bool) -> list[Path]:
-    """The training photos: the given files/folders (default: the bundled ones), plus scikit-image's photographs."""
-    from sana_sr.images import find_images
-
-    # The bundled training photos are copies of three of scikit-image's: not twice.
-    paths = [p for p, _ in find_images(photos)] if photos else [] if with_skimage else bundled.train_photos()
-    if with_skimage:
-        try:
-            import skimage
-        except ImportError:
-            print("sana-sr pretrain-tiny: error: --skimage-photos needs scikit-image (pip install scikit-image)",
-                  file=sys.stderr)
-            raise SystemExit(2) from None
-        data = Path(skimage.__file__).parent / "data"
-        missing = [name for name in bundled.SKIMAGE_TRAIN_PHOTOS if not (data / name).is_file()]
-        if missing:
-            print(f"warning: scikit-image {skimage.__version__} lacks {', '.join(missing)}: training without them",
-                  file=sys.stderr)
-        paths += [data / name for name in bundled.SKIMAGE_TRAIN_PHOTOS if name not in missing]
-    return paths
