@@ -9,8 +9,12 @@ Compressing the 0.6B model twice takes minutes; `--work-dir DIR` keeps the folde
 2. Speed at real width: `--speed-preset` (sana-0.6b) with random weights, min-max W8A8 and W4A8 with no fine-tune,
    compressed, written as a pipeline folder and loaded back with execution="int"; then for each LQ side (128 -> 512,
    256 -> 1024 with upscale's default tiling) every component runs in turn for each variant, round-robin over
-   `--reps` (same inputs, same threads). Memory: the bytes each variant's component holds, and the peak resident
-   memory a call adds (sampled every 2 ms, glibc's pooling off).
+   `--reps` (same inputs, same threads), in a process with glibc's default allocator: what a user's process has.
+   Memory, in a second process of this script (`--memory-pass`, one call each): the bytes each variant's component
+   holds, and the peak resident memory a call adds, sampled every 2 ms with glibc's pooling off (the mmap threshold
+   fixed at 128 KiB, so that the resident set follows what is alive). Timing under that setting would charge every
+   intermediate tensor its page faults: it measured W8A8's DiT at 1.40x fp32 where the default allocator gives
+   2.50x (same folders, same inputs), and the sampling thread takes CPU from the two cores.
 3. The same speed table at the tiny preset's widths (where int8 kernels do not pay).
 Quality (the integer path against its fake-quant reference) is benchmarks/integer_quality.py.
 """
@@ -29,7 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss import PeakRSS, ensure_unpooled_malloc, module_bytes  # noqa: E402
 
-ensure_unpooled_malloc()
+if "--memory-pass" in sys.argv:
+    ensure_unpooled_malloc()
+
+import subprocess  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -119,7 +126,9 @@ def lq_image(side: int) -> torch.Tensor:
 
 @torch.no_grad()
 def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, prepare_only: bool = False,
-                  calib_side: int = 32, encoder_sizes: tuple[int, ...] | None = None) -> dict:
+                  calib_side: int = 32, encoder_sizes: tuple[int, ...] | None = None, memory: bool = False) -> dict:
+    """Seconds per call of every component and variant (`memory`: instead, one call each under PeakRSS, and the
+    bytes each component holds)."""
     log(f"{preset}: building (random weights), compressing {list(SPEED_CONFIGS)} with min-max, no fine-tune")
     fp32 = build_pipeline(preset, weights="random", text_encoder=False)
     fp32.set_progress_bar_config(disable=True)
@@ -144,8 +153,9 @@ def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, pr
         with PeakRSS() as p:
             loaded = SanaSRPipeline.from_pretrained(folder, execution="int")
         loaded.set_progress_bar_config(disable=True)
-        loads[name] = {"load_extra_rss_bytes": p.extra, "summary": loaded.integer_summary.line(),
-                       "folder_from_earlier_run": reused}
+        loads[name] = {"summary": loaded.integer_summary.line(), "folder_from_earlier_run": reused}
+        if memory:
+            loads[name]["load_extra_rss_bytes"] = p.extra
         variants[name] = loaded
         log(f"  {name}: {loads[name]['summary']}")
     if prepare_only:
@@ -178,7 +188,7 @@ def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, pr
     for component in ("dit", "decoder"):
         for name in SPEED_CONFIGS:
             run(variants[name], component, sizes[0])
-    for side, side_reps in zip(sizes, reps):
+    for side, side_reps in zip(sizes, [1] * len(sizes) if memory else reps):
         key = f"{side}->{4 * side}"
         timed = {c: vs for c, vs in components.items() if c != "encoder" or encoder_sizes is None
                  or side in encoder_sizes}
@@ -186,13 +196,15 @@ def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, pr
         for rep in range(side_reps):
             for component, names in timed.items():
                 for name in names:
-                    with PeakRSS() as p:
-                        start = time.perf_counter()
-                        run(variants[name], component, side)
-                        seconds = time.perf_counter() - start
                     cell = results[key][component][name]
-                    cell["s"].append(round(seconds, 4))
-                    cell["extra_rss_bytes"].append(p.extra)
+                    if memory:
+                        with PeakRSS() as p:
+                            run(variants[name], component, side)
+                        cell["extra_rss_bytes"].append(p.extra)
+                        continue
+                    start = time.perf_counter()
+                    run(variants[name], component, side)
+                    cell["s"].append(round(time.perf_counter() - start, 4))
             log(f"  {key} rep {rep + 1}/{side_reps} done (load {loadavg().split()[0]})")
     weights = {}
     for name, pipe in variants.items():
@@ -201,13 +213,28 @@ def speed_section(preset: str, sizes: list[int], reps: list[int], work: Path, pr
     for key, table in results.items():
         for component, cells in table.items():
             for name, cell in cells.items():
-                cell["median_s"] = statistics.median(cell["s"])
-                cell["peak_extra_rss_mib"] = round(max(cell["extra_rss_bytes"]) / 2**20, 1)
-                cell["weights_mib"] = round(weights[name][component] / 2**20, 1)
-            fp32_s = cells["fp32"]["median_s"]
-            for cell in cells.values():
-                cell["speedup_vs_fp32"] = round(fp32_s / cell["median_s"], 2)
+                if memory:
+                    cell.pop("s")
+                    cell["peak_extra_rss_mib"] = round(max(cell.pop("extra_rss_bytes")) / 2**20, 1)
+                    cell["weights_mib"] = round(weights[name][component] / 2**20, 1)
+                else:
+                    cell.pop("extra_rss_bytes")
+                    cell["median_s"] = statistics.median(cell["s"])
+            if not memory:
+                fp32_s = cells["fp32"]["median_s"]
+                for cell in cells.values():
+                    cell["speedup_vs_fp32"] = round(fp32_s / cell["median_s"], 2)
     return {"preset": preset, "tiling": vars(tiling), "loads": loads, "results": results}
+
+
+def merge_memory(timed: dict, memory: dict) -> None:
+    """The memory pass's numbers into the timed section's cells (and the load's peak growth into its loads)."""
+    for name, load in memory["loads"].items():
+        timed["loads"][name]["load_extra_rss_bytes"] = load["load_extra_rss_bytes"]
+    for key, table in memory["results"].items():
+        for component, cells in table.items():
+            for name, cell in cells.items():
+                timed["results"][key][component][name].update(cell)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="keep the compressed folders here and reuse them in later "
                         "runs (the random weights and the calibration are seeded: the same folders); default: temp")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--memory-pass", action="store_true", help="(run by this script in a second process) "
+                        "measure memory only, with glibc's pooling off, and write the sections to --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = {"benchmark": "integer execution", "machine": machine_info(), "loadavg_before": loadavg(),
@@ -233,18 +262,33 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
-        if not args.prepare_only:
-            log("kernels")
-            report["kernels"] = kernel_table()
         reps = (args.reps + args.reps[-1:] * len(args.sizes))[:len(args.sizes)]
         if args.prepare_only:
             speed_section(args.speed_preset, args.sizes, reps, work, True, args.calib_side)
             log(f"compressed folders written to {work}")
             return 0
-        report["speed"] = speed_section(args.speed_preset, args.sizes, reps, work, False, args.calib_side,
-                                        tuple(args.encoder_sizes) if args.encoder_sizes else None)
+        encoder_sizes = tuple(args.encoder_sizes) if args.encoder_sizes else None
+        sections = {"speed": (args.speed_preset, args.sizes, args.calib_side, encoder_sizes)}
         if args.tiny_sizes:
-            report["speed_tiny"] = speed_section("tiny", args.tiny_sizes, reps, work, False, min(args.calib_side, 32))
+            sections["speed_tiny"] = ("tiny", args.tiny_sizes, min(args.calib_side, 32), None)
+        if args.memory_pass:
+            Path(args.out).write_text(json.dumps({
+                key: speed_section(preset, sizes, reps, work, False, calib, enc, memory=True)
+                for key, (preset, sizes, calib, enc) in sections.items()}))
+            return 0
+        log("kernels")
+        report["kernels"] = kernel_table()
+        for key, (preset, sizes, calib, enc) in sections.items():
+            report[key] = speed_section(preset, sizes, reps, work, False, calib, enc)
+        log("memory: a second process of this script, glibc's pooling off")
+        memory_json = Path(tmp) / "memory.json"
+        subprocess.run([sys.executable, __file__, "--memory-pass", "--work-dir", str(work), "--out", str(memory_json),
+                        "--speed-preset", args.speed_preset, "--sizes", *map(str, args.sizes), "--calib-side",
+                        str(args.calib_side), "--threads", str(args.threads),
+                        "--tiny-sizes", *map(str, args.tiny_sizes)]
+                       + (["--encoder-sizes", *map(str, encoder_sizes)] if encoder_sizes else []), check=True)
+        for key, section in json.loads(memory_json.read_text()).items():
+            merge_memory(report[key], section)
     report["loadavg_after"] = loadavg()
     report["seconds"] = round(time.perf_counter() - start, 1)
     for section in ("speed", "speed_tiny"):

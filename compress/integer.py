@@ -12,7 +12,8 @@ fit the kernels' conventions as they are, and three exact corrections make up th
     kxk conv, the window taps that fall on the padding (an edge strip, cached per input shape);
   - weights: codes c with a per-channel integer zero code zp; c − zp is the s8 weight when it fits (every width
     below 8 bits); at 8 bits c − 128 is (always s8) and s·s_w·(128 − zp)·Σ q over the window is added, with Σ q
-    from one extra all-ones output per group in the same kernel call;
+    from one extra all-ones output per group in the same kernel call (linears, grouped convs) or from a second,
+    all-ones kernel call with one output per group (dense and depthwise convs, where an extra output is slow);
   - oneDNN ignores per-channel weight zero points (measured: wrong results), hence the above.
 A layer with no integer activation (full-precision input, e.g. the boundary layers), per-token activation grids
 or an unsupported geometry runs dequantized (the fake-quant layer as it is); `to_integer` says which and why.
@@ -129,13 +130,9 @@ class Grid:
         return codes.clamp_(max=self.levels) if self.levels < 255 else codes
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """s·q + z: the fake-quantized tensor, through the fused rounding (3 passes instead of 7; torch's fused
-        fake quantization, which clamps to 0..levels itself, took 14 ms where quantize + dequantize took 23,
-        measured on a 1x36x1024x64 tensor)."""
-        if self.k <= self.levels:  # the fused op takes only a zero point inside the code range
-            return torch.fake_quantize_per_tensor_affine(self._shifted(x, self.clip_first), self.s, self.k, 0,
-                                                         self.levels) \
-                .add_(self.z + self.k * self.s)
+        """s·q + z: the fake-quantized tensor, rounded by the fused quantize kernel and dequantized (0.12 ms on a
+        1x16x256x300 tensor, where torch.fake_quantize_per_tensor_affine took 3.6 and the reference's elementwise
+        passes 0.19; measured in torch 2.14)."""
         if not _FUSED_ROUNDING:
             return torch.clamp(x, self.lo, self.hi).sub_(self.zero).div_(self.scale).round_() \
                 .clamp_(0, self.levels).mul_(self.scale).add_(self.zero)
@@ -196,17 +193,24 @@ class IntegerLayer(nn.Module):
                 bias = bias + taps.sum((1, 2))
                 padded = any(p > 0 for p in self.conv["padding"])
                 self.edge_taps = taps.contiguous() if padded and z != 0 else None
-            weight, w_scales, self.bias = self._with_sum_outputs(weight.view(self.weight_shape), w_scales, bias)
+            # Where the 8-bit remainder's code sums come from: one more output per group in the same call (linears,
+            # grouped convs), or a separate all-ones call with one output per group (dense and depthwise convs:
+            # an extra output took a 512-channel 3x3 conv from 95 to 163 ms and made a depthwise conv a
+            # channel-multiplier-2 one, 12 ms instead of 0.26; the separate call costs 2.9 and 0.26 ms).
+            self.sum_packed = None
+            weight = weight.view(self.weight_shape)
+            if self.box is None or self.kind != "linear" and (self.groups == 1 or self._depthwise):
+                self.bias = bias
+            else:
+                weight, w_scales, self.bias = self._with_sum_outputs(weight, w_scales, bias)
             if self.kind == "linear":
                 self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
             else:
-                c = self.conv
-                # oneDNN picks its weight layout from an input shape: without one, 1x1 convs ran 25x slower
-                # (measured); any concrete shape serves every input size (measured at 16..64 px).
-                nominal = [1, self.weight_shape[1] * c["groups"], 32, 32]
-                self.packed = torch.ops.onednn.qconv_prepack(
-                    weight, w_scales, s, 0, list(c["stride"]), list(c["padding"]), list(c["dilation"]),
-                    c["groups"], nominal)
+                self.packed = self._conv_prepack(weight, w_scales, s)
+                if self.box is not None and (self.groups == 1 or self._depthwise):
+                    ones = torch.ones(self.groups, *weight.shape[1:], dtype=torch.int8)
+                    self.sum_packed = self._conv_prepack(ones, torch.ones(self.groups), s)
+                    self.sum_scales, self.sum_zero = torch.ones(self.groups), torch.zeros(self.groups, dtype=torch.long)
         self.w_scales = w_scales.contiguous()
         self.w_zero = torch.zeros(len(w_scales), dtype=torch.long)
         self._edges: dict[tuple[int, int], tuple] = {}
@@ -214,6 +218,26 @@ class IntegerLayer(nn.Module):
     @property
     def groups(self) -> int:
         return 1 if self.kind == "linear" else self.conv["groups"]
+
+    @property
+    def _depthwise(self) -> bool:
+        """One input and one output channel per group."""
+        return self.groups > 1 and self.weight_shape[1] == 1 and self.weight_shape[0] == self.groups
+
+    def _conv_prepack(self, weight: torch.Tensor, scales: torch.Tensor, s: float):
+        c = self.conv
+        # oneDNN picks its weight layout from an input shape: without one, 1x1 convs ran 25x slower (measured); any
+        # concrete shape serves every input size (measured at 16..64 px).
+        nominal = [1, self.weight_shape[1] * c["groups"], 32, 32]
+        return torch.ops.onednn.qconv_prepack(weight, scales, s, 0, list(c["stride"]), list(c["padding"]),
+                                              list(c["dilation"]), c["groups"], nominal)
+
+    def _qconv(self, q: torch.Tensor, packed, scales: torch.Tensor, zeros: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        c = self.conv
+        return torch.ops.onednn.qconv_pointwise(q, self.grid.s, 0, packed, scales, zeros, bias, list(c["stride"]),
+                                                list(c["padding"]), list(c["dilation"]), c["groups"], 1.0, 0,
+                                                torch.float32, "none", [], "")
 
     def _with_sum_outputs(self, weight: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor) -> tuple:
         """With the 8-bit remainder, one more output per group whose weights are all 1 (scale 1, bias 0): the kernel
@@ -294,11 +318,11 @@ class IntegerLayer(nn.Module):
                 out = self._add_remainder(out)
             out = out.view(*lead, out.shape[-1])
             return out if dtype == torch.float32 else out.to(dtype)
-        c = self.conv
-        out = torch.ops.onednn.qconv_pointwise(q, s, 0, self.packed, self.w_scales, self.w_zero, self.bias,
-                                               list(c["stride"]), list(c["padding"]), list(c["dilation"]),
-                                               c["groups"], 1.0, 0, torch.float32, "none", [], "")
-        if self.box is not None:
+        out = self._qconv(q, self.packed, self.w_scales, self.w_zero, self.bias)
+        if self.sum_packed is not None:  # s·Σq per group from the all-ones kernel, times s_w·(128 − zp)
+            sums = self._qconv(q, self.sum_packed, self.sum_scales, self.sum_zero, None)
+            out.addcmul_(sums, self.box.view(1, -1, 1, 1))
+        elif self.box is not None:
             out = self._add_remainder(out)
         if self.edge_taps is not None:
             self._add_edges(out, *x.shape[-2:])

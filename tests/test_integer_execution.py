@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from compress import QuantizeConfig, quantize
-from compress.integer import FusedFakeQuantMatmul, Grid, IntegerLayer, kernels_available, to_integer
+from compress.integer import FusedFakeQuantMatmul, Grid, IntegerLayer, integer_blocker, kernels_available, to_integer
 from compress.layers import QuantMatmul, QuantWeightLayer
 from tests.compress_nets import ToyRestorer, one_thread, toy_batches  # noqa: F401 (autouse fixture)
 from tests.conftest import ASSETS
@@ -111,6 +111,27 @@ def test_scratch_buffer_is_reused_up_to_its_bound_and_changes_no_output(monkeypa
         own = [layer(x) for layer, x in zip(layers, inputs)]
     for a, b, c in zip(kept, again, own):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_8bit_remainder_leaves_dense_and_depthwise_convs_their_own_shape():
+    """At 8 bits the code sums of dense and depthwise convs come from a second all-ones kernel, not from an extra
+    output in the layer's own kernel (that turned a depthwise conv into a channel-multiplier-2 one, 46x slower, and a
+    512-channel 3x3 conv 1.7x slower: docs/compression.md); linears and grouped convs keep the extra output."""
+    model = quantized_toy("minmax", 8, 8)
+    seen = set()
+    for layer in model.modules():
+        if not isinstance(layer, QuantWeightLayer) or integer_blocker(layer) is not None:
+            continue
+        fast = IntegerLayer(layer)
+        out_channels = layer.weight_shape[0]
+        assert fast.box is not None
+        if fast.kind == "conv2d" and (fast.groups == 1 or fast._depthwise):
+            seen.add("depthwise" if fast._depthwise else "dense")
+            assert fast.sum_packed is not None and fast.bias.numel() == out_channels
+        else:
+            seen.add(fast.kind if fast.groups == 1 else "grouped")
+            assert fast.sum_packed is None and fast.bias.numel() == out_channels + fast.groups
+    assert seen == {"dense", "depthwise", "grouped", "linear"}
 
 
 @pytest.mark.parametrize("method, wbits, abits", CASES)
