@@ -19,7 +19,7 @@ from .train_helpers import REPO, metrics, train_env
 
 pytestmark = pytest.mark.slow  # end to end through the real launchers: minutes
 
-STEPS = 100  # the default steps (LoRA 100, pruned fine-tune 100, quantization 30): measured, see README
+STEPS = 100  # the default steps (LoRA 100, pruned fine-tune 200, quantization 30): measured, see README
 
 # Held-out gain over bicubic (dB) the trained model must reach, per LQ protocol. Issue 15 asks 1.0 under both.
 # GAP: under the training degradation the start (tiny-sr) gains +0.88 dB and the fine-tune ends at +0.85 (measured at
@@ -39,7 +39,7 @@ MIN_W4A4_SHARE = {"bicubic": {"compsrt-w4a4": 0.45, "spr2q-w4a4": 0.5},
 def test_main_job_runs_every_stage_and_beats_bicubic(tmp_path):
     out = tmp_path / "quickstart"
     cmd = [sys.executable, "-m", "sana_sr.cli", "quickstart", "--out", str(out), "--steps", str(STEPS),
-           "--finetune-steps", "100", "--compress-steps", "30"]
+           "--finetune-steps", "200", "--compress-steps", "30"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, env=train_env(), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"quickstart report: {out / 'report' / 'report.md'}" in result.stdout
