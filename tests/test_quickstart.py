@@ -26,14 +26,12 @@ STEPS = 100  # the default steps (LoRA 100, pruned fine-tune 200, quantization 3
 # these steps, fresh clone); the floor is that minus a margin, not the issue's 1.0.
 MIN_GAIN = {"bicubic": 1.0, "degraded": 0.75}
 MAX_LOSS_VS_START = 0.1  # dB on the held-out crops, each protocol (issue 15)
-# Share of the trained model's held-out gain the pruned model keeps: issue 15 asks 0.9. Measured 0.92 under plain
-# bicubic; GAP: 0.85 under the degradation (floor 0.75).
-MIN_PRUNED_SHARE = {"bicubic": 0.9, "degraded": 0.75}
-# Share each W4A4 variant keeps: issue 15 asks 0.5. Measured (per-token activation grids, 30 quantization steps):
-# plain bicubic CompSRT 0.504, SPR2Q 0.60; degradation CompSRT 0.42, SPR2Q 0.59. GAP: CompSRT's 0.504 is too close
-# to the line to assert 0.5 on another CPU's float sums (floor 0.45), and its 0.42 misses it (floor 0.32).
-MIN_W4A4_SHARE = {"bicubic": {"compsrt-w4a4": 0.45, "spr2q-w4a4": 0.5},
-                  "degraded": {"compsrt-w4a4": 0.32, "spr2q-w4a4": 0.5}}
+# Share of the trained model's held-out gain the pruned model keeps: issue 15 asks 0.9. Measured 0.94 under both
+# protocols (distillation at lr 1e-3, 200 steps; fresh clone).
+MIN_PRUNED_SHARE = 0.9
+# Share each W4A4 variant keeps: issue 15 asks 0.5. Measured (per-token activation grids, 30 quantization steps,
+# CompSRT pruning 30 %): plain bicubic CompSRT 0.67, SPR2Q 0.63; degradation CompSRT 0.62, SPR2Q 0.67.
+MIN_W4A4_SHARE = 0.5
 
 
 def test_main_job_runs_every_stage_and_beats_bicubic(tmp_path):
@@ -72,10 +70,10 @@ def test_main_job_runs_every_stage_and_beats_bicubic(tmp_path):
         trained = gain("trained", protocol)
         assert trained >= MIN_GAIN[protocol], (protocol, trained)
         assert trained >= gain("start", protocol) - MAX_LOSS_VS_START, (protocol, trained, gain("start", protocol))
-        assert gain("pruned", protocol) >= MIN_PRUNED_SHARE[protocol] * trained, \
+        assert gain("pruned", protocol) >= MIN_PRUNED_SHARE * trained, \
             (protocol, gain("pruned", protocol), trained)
         for name in COMPRESSED:
-            assert gain(name, protocol) >= MIN_W4A4_SHARE[protocol][name] * trained, \
+            assert gain(name, protocol) >= MIN_W4A4_SHARE * trained, \
                 (protocol, name, gain(name, protocol), trained)
 
     # Smaller variants are really smaller; every variant was evaluated by eval/realsr.py on 2 processes.
