@@ -197,9 +197,10 @@ class IntegerLayer(nn.Module):
             # grouped convs), or a separate all-ones call with one output per group (dense and depthwise convs:
             # an extra output took a 512-channel 3x3 conv from 95 to 163 ms and made a depthwise conv a
             # channel-multiplier-2 one, 12 ms instead of 0.26; the separate call costs 2.9 and 0.26 ms).
+            separate_sums = self.box is not None and self.kind != "linear" and (self.groups == 1 or self.depthwise)
             self.sum_packed = None
             weight = weight.view(self.weight_shape)
-            if self.box is None or self.kind != "linear" and (self.groups == 1 or self._depthwise):
+            if self.box is None or separate_sums:
                 self.bias = bias
             else:
                 weight, w_scales, self.bias = self._with_sum_outputs(weight, w_scales, bias)
@@ -207,7 +208,7 @@ class IntegerLayer(nn.Module):
                 self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
             else:
                 self.packed = self._conv_prepack(weight, w_scales, s)
-                if self.box is not None and (self.groups == 1 or self._depthwise):
+                if separate_sums:
                     ones = torch.ones(self.groups, *weight.shape[1:], dtype=torch.int8)
                     self.sum_packed = self._conv_prepack(ones, torch.ones(self.groups), s)
                     self.sum_scales, self.sum_zero = torch.ones(self.groups), torch.zeros(self.groups, dtype=torch.long)
@@ -220,7 +221,7 @@ class IntegerLayer(nn.Module):
         return 1 if self.kind == "linear" else self.conv["groups"]
 
     @property
-    def _depthwise(self) -> bool:
+    def depthwise(self) -> bool:
         """One input and one output channel per group."""
         return self.groups > 1 and self.weight_shape[1] == 1 and self.weight_shape[0] == self.groups
 

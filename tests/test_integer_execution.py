@@ -125,8 +125,8 @@ def test_8bit_remainder_leaves_dense_and_depthwise_convs_their_own_shape():
         fast = IntegerLayer(layer)
         out_channels = layer.weight_shape[0]
         assert fast.box is not None
-        if fast.kind == "conv2d" and (fast.groups == 1 or fast._depthwise):
-            seen.add("depthwise" if fast._depthwise else "dense")
+        if fast.kind == "conv2d" and (fast.groups == 1 or fast.depthwise):
+            seen.add("depthwise" if fast.depthwise else "dense")
             assert fast.sum_packed is not None and fast.bias.numel() == out_channels
         else:
             seen.add(fast.kind if fast.groups == 1 else "grouped")
