@@ -255,12 +255,12 @@ class IntegerLayer(nn.Module):
         return weight, w_scales, bias
 
     def _add_remainder(self, out: torch.Tensor) -> torch.Tensor:
-        """The kernel's outputs without the sum outputs, each plus s·Σq·s_w·(128 − zp)."""
+        """The kernel's outputs without the sum outputs, each plus s·Σq·s_w·(128 − zp) (linears, grouped convs)."""
         if self.kind == "linear":
             return torch.addcmul(out[:, :-1], out[:, -1:], self.box)
         parts = out.unflatten(1, (self.groups, -1))
         main, sums, box = parts[:, :, :-1], parts[:, :, -1:], self.box.view(1, self.groups, -1, 1, 1)
-        if self.groups == 1 or main.shape[2] == 1:  # the outputs as a strided view, updated in place: no new tensor
+        if main.shape[2] == 1:  # the outputs as a strided view, updated in place: no new tensor
             return main.addcmul_(sums, box).flatten(1, 2)
         return torch.addcmul(main, sums, box).flatten(1, 2)
 
