@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from sana_sr import TileSettings, build_pipeline
+from sana_sr.model.pipeline import one_step_restore
+from sana_sr.model.prompt_reuse import prompt_modules, reuse_prompt_projections
 from sana_sr.model.tiling import gaussian_window, tile_starts, tiled_apply
 
 from .conftest import load_photo
@@ -86,3 +88,52 @@ def test_2048_output_has_bounded_peak_memory():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["output"] == [1, 3, 2048, 2048]
     assert report["peak_rss_mib"] - report["peak_rss_mib_before"] < PEAK_GROWTH_BOUND_MIB, report
+
+
+def _tile_calls(pipe, latents, embeds, mask, tile):
+    """Every tile's DiT call, each on its own (the prompt projected every time)."""
+    return tiled_apply(lambda z: one_step_restore(pipe.transformer, z, embeds, mask, pipe.timestep, pipe.sigma),
+                       latents, tile, tile // 4)
+
+
+def test_tiles_share_the_prompt_projections_and_give_the_same_result(tiny_pipe):
+    latents = torch.randn(1, tiny_pipe.transformer.config.in_channels, 12, 12, generator=torch.Generator().manual_seed(0))
+    embeds, mask = tiny_pipe.encode_prompt(None, 1)
+    ratio = tiny_pipe.vae.spatial_compression_ratio
+    tiling = TileSettings(tile=8 * ratio, overlap=2 * ratio)
+    with torch.no_grad():
+        separate = _tile_calls(tiny_pipe, latents, embeds, mask, 8)
+        with reuse_prompt_projections(tiny_pipe.transformer) as memos:
+            shared = tiled_apply(
+                lambda z: one_step_restore(tiny_pipe.transformer, z, embeds, mask, tiny_pipe.timestep, tiny_pipe.sigma),
+                latents, 8, 2)
+        assert torch.equal(tiny_pipe.restore_latents(latents, embeds, mask, tiling), shared)
+    tiles = len(tile_starts(12, 8, 2)) ** 2
+    assert tiles == 4
+    assert len(memos) == len(prompt_modules(tiny_pipe.transformer)) >= 4
+    assert [m.hits for m in memos] == [tiles - 1] * len(memos)  # projected once, reused by the 3 other tiles
+    torch.testing.assert_close(shared, separate, rtol=0, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in prompt_modules(tiny_pipe.transformer))  # restored after
+
+
+def test_prompt_projections_are_made_again_when_the_prompt_changes_or_autograd_is_on(tiny_pipe):
+    embeds, mask = tiny_pipe.encode_prompt(None, 1)
+    embeds = embeds.clone()
+    latents = torch.randn(1, tiny_pipe.transformer.config.in_channels, 4, 4)
+
+    def call():
+        return one_step_restore(tiny_pipe.transformer, latents, embeds, mask, tiny_pipe.timestep, tiny_pipe.sigma)
+
+    with reuse_prompt_projections(tiny_pipe.transformer) as memos:
+        with torch.no_grad():
+            first = call()
+            embeds.mul_(2.0)  # in place: same storage, new version
+            changed = call()
+            again = call()
+        with torch.enable_grad():
+            call()
+    with torch.no_grad():
+        expected = call()
+    assert not torch.equal(first, changed)
+    assert torch.equal(changed, expected) and torch.equal(again, expected)
+    assert all(m.hits == 1 for m in memos)  # only the third no-grad call reused; the grad call computed afresh

@@ -32,6 +32,7 @@ from sana_sr.model.lora import (
     save_lora,
     save_transformer_without_lora,
 )
+from sana_sr.model.prompt_reuse import reuse_prompt_projections
 from sana_sr.model.text import PromptEmbedding, encode_prompts
 from sana_sr.model.tiling import TileSettings, tiled_apply
 
@@ -220,7 +221,10 @@ class SanaSRPipeline(DiffusionPipeline):
         if tiling.tile % m or tiling.overlap % m:
             raise ValueError(f"tile {tiling.tile} and overlap {tiling.overlap} must be multiples of {m}")
         ratio = self.vae.spatial_compression_ratio
-        return tiled_apply(step, latents, tiling.tile // ratio, tiling.overlap // ratio)
+        # One tensor in the model's dtype for every tile, so that the prompt's projections are made once.
+        prompt_embeds = prompt_embeds.to(next(self.transformer.parameters()).dtype)
+        with reuse_prompt_projections(self.transformer):
+            return tiled_apply(step, latents, tiling.tile // ratio, tiling.overlap // ratio)
 
     # -- the whole restoration -----------------------------------------------------------------------------
     @torch.no_grad()
