@@ -5,7 +5,8 @@
 Both sides run in one process, round-robin (`--rounds` times: the raw decode, then each loader), on the same shards,
 so that the machine's load hits them alike; the last line is the loader's rate (0 workers: the same single
 process as the raw decode) over the raw decode rate, the limit the loader can reach. Shards are written with `sana-sr shards --reencode jpg` from real photos (each photo `--copies` times). "raw decode"
-is one process reading the shards and decoding every JPEG in full (Pillow, as the loader); the loader adds the
+is one process reading the shards and decoding every JPEG in full (Pillow, as the loader); the loader, configured
+as the trainer configures it (uint8 pixels out: the degradation makes the floats on the training device), adds the
 random 512 crop, flips, per-sample kernel draws, batching (16) and the transfer from its worker processes.
 """
 
@@ -40,7 +41,8 @@ def build_shards(folder: Path, copies: int) -> Path:
     return out
 
 
-def raw_decode(shards: Path) -> dict:
+def raw_decode(shards: Path, images: int) -> dict:
+    """Read the shards in order (again from the first when they run out) and decode `images` JPEGs in full."""
     from io import BytesIO
 
     from PIL import Image
@@ -49,19 +51,25 @@ def raw_decode(shards: Path) -> dict:
     counter = SkipCounter()
     count, pixels = 0, 0
     start, start_cpu = time.perf_counter(), time.process_time()
-    for url in urls:
-        for sample in read_shard(url, counter):
-            with Image.open(BytesIO(sample["jpg"])) as im:
-                rgb = im.convert("RGB")
-                pixels += rgb.width * rgb.height
-            count += 1
+    while count < images:
+        for url in urls:
+            for sample in read_shard(url, counter):
+                with Image.open(BytesIO(sample["jpg"])) as im:
+                    rgb = im.convert("RGB")
+                    pixels += rgb.width * rgb.height
+                count += 1
+                if count == images:
+                    break
+            if count == images:
+                break
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return {"images": count, "images_per_s": count / wall, "cpu_s_per_image": cpu / count,
             "mean_megapixels": pixels / count / 1e6}  # fmt: skip
 
 
 def loader_rate(shards: Path, workers: int, samples: int) -> dict:
-    config = LoaderConfig(batch_size=16, num_workers=workers, crop_size=512, epoch_samples=samples, seed=0)
+    config = LoaderConfig(batch_size=16, num_workers=workers, crop_size=512, epoch_samples=samples, seed=0,
+                          hq_uint8=True)  # fmt: skip
     loader = make_loader(shards, config, degradation=DegradationConfig(), rank=0, world_size=1)
     start = time.perf_counter()
     count = 0
@@ -78,7 +86,7 @@ def loader_rate(shards: Path, workers: int, samples: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=8, help="times each photo goes into the shards")
-    parser.add_argument("--samples", type=int, default=320, help="samples per loader run")
+    parser.add_argument("--samples", type=int, default=320, help="images per run, raw decode and each loader alike")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds (medians are reported)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = build_shards(Path(tmp), args.copies)
         rounds = []
         for _ in range(args.rounds):
-            rounds.append({"raw": raw_decode(shards), "loaders": [loader_rate(shards, w, args.samples)
+            rounds.append({"raw": raw_decode(shards, args.samples), "loaders": [loader_rate(shards, w, args.samples)
                                                                   for w in args.workers]})
             print(f"round {len(rounds)}/{args.rounds} (load {loadavg().split()[0]})", flush=True)
 

@@ -14,6 +14,7 @@ Conventions (Real-ESRGAN's, which the tests pin down):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
@@ -23,12 +24,16 @@ from scipy import special
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
 
+@functools.lru_cache(maxsize=32)
 def mesh(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(xx, yy) offsets from the centre of a size x size kernel; xx varies along columns."""
+    """(xx, yy) offsets from the centre of a size x size kernel; xx varies along columns (read-only: cached, as
+    every sample's draw asks for them)."""
     if size % 2 != 1:
         raise ValueError(f"kernel size must be odd, got {size}")
     ax = np.arange(-(size // 2), size // 2 + 1, dtype=np.float64)
-    return np.meshgrid(ax, ax)
+    xx, yy = np.meshgrid(ax, ax)
+    xx.flags.writeable = yy.flags.writeable = False
+    return xx, yy
 
 
 def _quadratic_form(size: int, sigma_x: float, sigma_y: float, theta: float) -> np.ndarray:

@@ -158,12 +158,12 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         # Pillow's convert("RGB") clips 16-bit grey to 255; scale it instead.
         grey = (np.asarray(im).astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # convert("RGB") of an RGB image is a copy
 
 
 def decode_sample(sample: dict, settings: DecodeSettings, rng: np.random.Generator, counter: SkipCounter,
                   kernel_config: KernelDrawConfig | None) -> dict | None:  # fmt: skip
-    """A raw sample -> {"hq": uint8 (3, S, S), "key", "caption", [kernels], [prompt_embeds, prompt_mask]};
+    """A raw sample -> {"hq": uint8 numpy (S, S, 3), "key", "caption", [kernels], [prompt_embeds, prompt_mask]};
     None (counted) when it is bad."""
     key, url = sample["__key__"], sample["__url__"]
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -195,8 +195,7 @@ def decode_sample(sample: dict, settings: DecodeSettings, rng: np.random.Generat
     if settings.vflip and rng.uniform() < 0.5:
         crop = crop[::-1]
     out = {
-        # A real copy: ascontiguousarray keeps the negative strides of a flipped crop with a side of 1, torch refuses.
-        "hq": torch.from_numpy(crop.transpose(2, 0, 1).copy()),
+        "hq": crop,  # (S, S, 3) as decoded: collate's stack makes the one copy, into the (B, 3, S, S) batch
         "key": key,
         "caption": sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else "",
     }
@@ -261,9 +260,11 @@ def _fit_length(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
 def collate(samples: list[dict], skipped: int) -> dict:
     """Stack decoded samples into a batch; "skipped" is the number of bad samples met since the previous batch."""
     batch: dict = {"key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples]}
-    for name in ("hq", "kernel1", "kernel2", "sinc_kernel"):
+    # numpy's stack: torch's uint8 copy is ~100x slower with two threads on a busy machine (measured).
+    if samples:
+        batch["hq"] = torch.from_numpy(np.stack([s["hq"].transpose(2, 0, 1) for s in samples]))
+    for name in ("kernel1", "kernel2", "sinc_kernel"):
         if samples and name in samples[0]:
-            # numpy's stack: torch's uint8 copy is ~100x slower with two threads on a busy machine (measured).
             batch[name] = torch.from_numpy(np.stack([s[name].numpy() for s in samples]))
     if samples and "prompt_embeds" in samples[0]:
         longest = max(s["prompt_embeds"].shape[0] for s in samples)
