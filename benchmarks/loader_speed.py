@@ -13,6 +13,7 @@ random 512 crop, flips, per-sample kernel draws, batching (16) and the transfer 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -49,19 +50,19 @@ def raw_decode(shards: Path, images: int) -> dict:
 
     urls = [str(shards / name) for name in json.loads((shards / "sizes.json").read_text())]
     counter = SkipCounter()
+
+    def jpegs():
+        while True:
+            for url in urls:
+                yield from (sample["jpg"] for sample in read_shard(url, counter))
+
     count, pixels = 0, 0
     start, start_cpu = time.perf_counter(), time.process_time()
-    while count < images:
-        for url in urls:
-            for sample in read_shard(url, counter):
-                with Image.open(BytesIO(sample["jpg"])) as im:
-                    rgb = im.convert("RGB")
-                    pixels += rgb.width * rgb.height
-                count += 1
-                if count == images:
-                    break
-            if count == images:
-                break
+    for data in itertools.islice(jpegs(), images):
+        with Image.open(BytesIO(data)) as im:
+            rgb = im.convert("RGB")
+            pixels += rgb.width * rgb.height
+        count += 1
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return {"images": count, "images_per_s": count / wall, "cpu_s_per_image": cpu / count,
             "mean_megapixels": pixels / count / 1e6}  # fmt: skip

@@ -30,7 +30,8 @@ def prompt_modules(transformer: nn.Module) -> list[nn.Module]:
         attn = getattr(block, "attn2", None)
         if attn is not None:
             modules += [attn.to_k, attn.to_v]
-            modules += [m for m in (getattr(attn, "norm_k", None),) if m is not None]
+            if getattr(attn, "norm_k", None) is not None:  # with qk_norm (SANA 1.5) the keys are normed after to_k
+                modules.append(attn.norm_k)
     return modules
 
 
